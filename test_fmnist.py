@@ -1,0 +1,989 @@
+"""Properties of fmnist.py, one claim per test; each docstring says why the claim must hold.
+
+Gradient checks and softmax stability live in test_gradients.py; this file covers everything else:
+initialisation, purity, Adam, dropout, training, early stopping, metrics, the split, the real data,
+the loader, checkpoints, determinism and the command line. Hypothesis is used where a property
+ranges over inputs; a worked example is used where it is clearer. The real data is loaded once per
+module; networks and subsets are kept small so that the file runs in well under a minute.
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fmnist
+from fmnist import (DATA_FILES, AdamState, Best, CheckpointError, Config, DataError, Params, RawData,
+                    Splits, adam_init, adam_step, backward, confusion_matrix, cross_entropy,
+                    dropout_masks, early_stopping_update, evaluate, fit, forward, init_params,
+                    initial_state, load_checkpoint, load_fashion_mnist, make_splits, normalise,
+                    parse_idx, per_class_metrics, predict_logits, read_idx, save_checkpoint,
+                    should_stop, split_indices, top_confusions, train_epoch)
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+REPORT_SIZES = (784, 512, 256, 128, 10)
+
+
+# ================================================================================================
+# Fixtures, helpers and strategies
+# ================================================================================================
+
+@pytest.fixture(scope="module")
+def raw() -> RawData:
+    """The shipped Fashion-MNIST arrays, loaded (and checksummed) once for the whole module."""
+    return load_fashion_mnist(DATA)
+
+
+def writable(params) -> dict:
+    """A plain dict of fresh, writable copies: a function that wrote into its inputs could, here."""
+    return {k: np.array(v) for k, v in params.items()}
+
+
+def deep_copy(obj):
+    """Arrays copied, mappings -> dicts, tuples (named or not) -> tuples; anything else as is."""
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, Mapping):
+        return {k: deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return tuple(deep_copy(v) for v in obj)
+    return obj
+
+
+def assert_same(a, b, where="args"):
+    """Equal structure, and arrays equal in shape, dtype and every bit."""
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.tobytes() == b.tobytes(), f"{where} changed"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, tuple):
+        assert isinstance(b, tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def arrays_in(obj):
+    """Every ndarray inside a structure of mappings and tuples."""
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from arrays_in(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from arrays_in(v)
+
+
+def bits(params) -> bytes:
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in params.values())
+
+
+@st.composite
+def networks(draw, min_hidden=0):
+    """A small float64 network: 1-12 inputs, `min_hidden`-3 hidden layers of 1-12 units, 2-5 classes,
+    with nonzero biases so that they take part."""
+    sizes = (draw(st.integers(1, 12)),
+             *draw(st.lists(st.integers(1, 12), min_size=min_hidden, max_size=3)),
+             draw(st.integers(2, 5)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    params = init_params(sizes, seed, "float64")
+    rng = np.random.default_rng(seed + 1)
+    return Params.from_arrays({k: v + rng.normal(0, 0.5, v.shape) if k.startswith("b") else v
+                               for k, v in params.items()})
+
+
+def batch_for(params, draw, min_size=1):
+    """Inputs (B, n_in) with bounded float64 elements for `params`."""
+    b = draw(st.integers(min_size, 8))
+    return draw(hnp.arrays(np.float64, (b, params["W1"].shape[0]),
+                           elements=st.floats(-3, 3, allow_nan=False)))
+
+
+# ================================================================================================
+# Initialisation
+# ================================================================================================
+
+def test_init_std_is_he_for_hidden_layers_and_xavier_for_the_output():
+    """He keeps ReLU activations' variance constant and Xavier suits the linear output (report 3.1).
+
+    Pooled over 16 seeds, so that even W4's 1,280 numbers per draw tell Xavier (0.1204) from He (0.125).
+    """
+    draws = [init_params(REPORT_SIZES, seed) for seed in range(16)]
+    for l, (fan_in, fan_out) in enumerate(zip(REPORT_SIZES[:-1], REPORT_SIZES[1:]), start=1):
+        w = np.concatenate([p[f"W{l}"].ravel() for p in draws]).astype(np.float64)
+        expected = np.sqrt(2 / fan_in) if l < 4 else np.sqrt(2 / (fan_in + fan_out))
+        rel_se = 1 / np.sqrt(2 * w.size)              # standard error of a sample std, relative
+        assert abs(w.std() / expected - 1) < max(4 * rel_se, 0.005), (l, w.std(), expected)
+        assert abs(w.mean()) < 4 * expected / np.sqrt(w.size), (l, w.mean())
+
+
+def test_init_report_network_single_seed_std_within_a_few_percent():
+    """The report's network as actually initialised (seed 42) has the He/Xavier scales to within 6%."""
+    p = init_params(REPORT_SIZES, 42)
+    expected = [np.sqrt(2 / 784), np.sqrt(2 / 512), np.sqrt(2 / 256), np.sqrt(2 / (128 + 10))]
+    for l, e in enumerate(expected, start=1):
+        assert abs(p[f"W{l}"].std(dtype=np.float64) / e - 1) < 0.06, l
+
+
+@given(sizes=st.lists(st.integers(1, 20), min_size=2, max_size=5), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_init_keys_shapes_dtype_and_zero_biases(sizes, seed, dtype):
+    """Every later stage relies on W1, b1, ..., WL, bL with W_l (fan_in, fan_out) and b_l starting at 0."""
+    p = init_params(sizes, seed, dtype)
+    L = len(sizes) - 1
+    assert list(p) == [k for l in range(1, L + 1) for k in (f"W{l}", f"b{l}")]
+    for l in range(1, L + 1):
+        assert p[f"W{l}"].shape == (sizes[l - 1], sizes[l])
+        assert p[f"b{l}"].shape == (sizes[l],)
+        assert p[f"W{l}"].dtype == p[f"b{l}"].dtype == np.dtype(dtype)
+        assert not p[f"b{l}"].any()
+    assert fmnist.layer_sizes_of(p) == tuple(sizes)
+
+
+def test_init_same_seed_is_bit_identical_other_seed_differs():
+    """Randomness comes only from the seed argument, so a run can be reproduced exactly."""
+    a, b, c = (init_params(REPORT_SIZES, s) for s in (7, 7, 8))
+    assert bits(a) == bits(b)
+    for k in ("W1", "W2", "W3", "W4"):
+        assert not np.array_equal(a[k], c[k]), k
+
+
+# ================================================================================================
+# Purity: inputs are never written to; outputs are read-only
+# ================================================================================================
+
+def _setup():
+    rng = np.random.default_rng(0)
+    params = writable(init_params((12, 8, 6, 4), seed=1, dtype="float64"))
+    x, y = rng.normal(size=(10, 12)), rng.integers(0, 4, size=10)
+    masks = [np.array(m) for m in dropout_masks(2, 10, (8, 6), 0.5, "float64")]
+    return params, x, y, masks
+
+
+def _raw_small():
+    rng = np.random.default_rng(1)
+    return RawData(rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+                   rng.integers(0, 10, 100).astype(np.uint8),
+                   rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+                   rng.integers(0, 10, 20).astype(np.uint8))
+
+
+def _call_forward():
+    params, x, _, masks = _setup()
+    return forward, (params, x, masks)
+
+
+def _call_backward():
+    params, x, y, masks = _setup()
+    _, cache = forward(params, x, masks)
+    return backward, (params, cache, y, 1e-3)
+
+
+def _call_adam_step():
+    params, x, y, _ = _setup()
+    grads = writable(backward(params, forward(params, x)[1], y))
+    state = adam_step(params, grads, adam_init(params))[1]      # nonzero moments, step 1
+    return adam_step, (params, grads, state, 1e-2)
+
+
+def _call_train_epoch():
+    params, x, y, _ = _setup()
+    config = Config(hidden=(8, 6), batch_size=4, dropout=0.2, dtype="float64")
+    return train_epoch, (params, adam_init(params), x, y, config, 3)
+
+
+PURE_CALLS = {   # name -> () -> (function, fresh writable arguments)
+    "init_params": lambda: (init_params, ([12, 8, 4], 3, "float64")),
+    "forward": _call_forward,
+    "backward": _call_backward,
+    "adam_step": _call_adam_step,
+    "train_epoch": _call_train_epoch,
+    "evaluate": lambda: (evaluate, _setup()[:3]),
+    "predict_logits": lambda: (predict_logits, (_setup()[0], _setup()[1], 3)),
+    "dropout_masks": lambda: (dropout_masks, (5, 16, [8, 5], 0.25)),
+    "make_splits": lambda: (make_splits, (_raw_small(), Config(val_size=10, limit=30))),
+    "confusion_matrix": lambda: (confusion_matrix, (np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), 3)),
+    "per_class_metrics": lambda: (per_class_metrics, (np.array([[2, 1], [0, 3]]),)),
+}
+
+@pytest.mark.parametrize("name", PURE_CALLS)
+def test_public_functions_leave_their_inputs_unchanged(name):
+    """Every stage returns new values and never writes into its arguments (module docstring)."""
+    fn, args = PURE_CALLS[name]()
+    before = deep_copy(args)
+    fn(*args)
+    assert_same(deep_copy(args), before, name)
+
+
+@pytest.mark.parametrize("name", ["init_params", "forward", "backward", "adam_step", "train_epoch",
+                                  "evaluate", "dropout_masks", "make_splits"])
+def test_returned_arrays_are_read_only(name):
+    """Read-only results turn 'never writes into its inputs' into a check for every later caller."""
+    fn, args = PURE_CALLS[name]()
+    given_arrays = {id(a) for a in arrays_in(args)}     # the caller's own arrays passed back (cache.inputs[0])
+    out = fn(*args)
+    returned = [a for a in arrays_in(out) if id(a) not in given_arrays]
+    assert returned, "nothing to check"
+    for a in returned:
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+
+
+def test_params_mapping_cannot_be_assigned_to():
+    """Params is an immutable mapping: neither its entries nor its numbers can be replaced."""
+    p = init_params((6, 4, 3), 0)
+    with pytest.raises(TypeError):
+        p["W1"] = np.zeros((6, 4), np.float32)
+    with pytest.raises(TypeError):
+        p["extra"] = np.zeros(1)
+    with pytest.raises(TypeError):
+        del p["b1"]
+    with pytest.raises(ValueError):
+        p["W1"][0, 0] = 1.0
+    with pytest.raises(ValueError):
+        p.flat[0] = 1.0
+    assert not isinstance(p, dict) and len(p) == 4
+
+
+# ================================================================================================
+# Adam
+# ================================================================================================
+
+def test_adam_two_steps_match_the_formula_by_hand():
+    """adam_step must be exactly p - lr/(1-b1^t) * m_t/(sqrt(v_t/(1-b2^t)) + eps) (report 4.1)."""
+    p0 = {"W1": np.array([[0.5, -1.0, 2.0], [0.0, 3.0, -0.25]]), "b1": np.array([0.1, -0.2, 0.0])}
+    g1 = {"W1": np.array([[0.1, -0.3, 2.0], [0.0, 1e-3, -50.0]]), "b1": np.array([-1e-3, 5.0, 0.0])}
+    g2 = {"W1": np.array([[-0.2, 0.3, 1.0], [4.0, 1e-3, -50.0]]), "b1": np.array([2e-3, -5.0, 0.0])}
+    lr, b1, b2, eps = 0.01, 0.8, 0.99, 1e-8
+    params, state = Params.from_arrays(p0), adam_init(p0)
+    for k in p0:
+        m = v = np.zeros_like(p0[k])
+        p = p0[k]
+        for t, g in ((1, g1[k]), (2, g2[k])):
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        p0[k] = (p, m, v)
+    for g in (g1, g2):
+        params, state = adam_step(params, g, state, lr, b1, b2, eps)
+    assert state.step == 2
+    for k, (p, m, v) in p0.items():
+        np.testing.assert_allclose(params[k], p, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state.m[k], m, rtol=1e-12, atol=1e-18)
+        np.testing.assert_allclose(state.v[k], v, rtol=1e-12, atol=1e-18)
+    assert params["b1"][2] == 0.0   # a coordinate that never had a gradient never moves
+
+
+nonzero_gradients = st.one_of(st.floats(1e-4, 1e4), st.floats(-1e4, -1e-4))
+
+
+@given(grads=hnp.arrays(np.float64, hnp.array_shapes(max_dims=2, max_side=6), elements=nonzero_gradients),
+       lr=st.floats(1e-5, 0.1), dtype=st.sampled_from(["float32", "float64"]))
+@example(grads=np.array([1e-4, -1e4]), lr=1e-3, dtype="float32")
+def test_adam_first_step_has_size_lr_whatever_the_gradient_scale(grads, lr, dtype):
+    """Bias correction makes m/sqrt(v) = sign(g) at t=1, so every coordinate moves by ~lr against g."""
+    params = Params.from_arrays({"W1": np.zeros_like(grads), "b1": np.ones(3)}, dtype)
+    g = Params.from_arrays({"W1": grads, "b1": np.array([1e-3, -2.0, 300.0])}, dtype)
+    new, state = adam_step(params, g, adam_init(params), lr=lr)
+    assert state.step == 1
+    for k in params:
+        delta = np.asarray(new[k], np.float64) - np.asarray(params[k], np.float64)
+        rtol = 1e-3 if dtype == "float64" else 1e-3 + 1.2e-7 / lr   # float32: p = 1 +- lr rounds by <= 6e-8
+        np.testing.assert_allclose(delta, -lr * np.sign(np.asarray(g[k], np.float64)), rtol=rtol)
+
+
+def test_adam_state_step_counts_updates_and_starts_at_zero():
+    """The bias corrections use t, so the state must count each update exactly once."""
+    params = init_params((3, 2), 0, "float64")
+    state = adam_init(params)
+    assert state.step == 0 and not state.m.flat.any() and not state.v.flat.any()
+    grads = Params.from_arrays({k: np.ones_like(v) for k, v in params.items()})
+    for t in range(1, 4):
+        params, state = adam_step(params, grads, state)
+        assert isinstance(state, AdamState) and state.step == t
+
+
+@given(st.sampled_from([np.float32, np.float64]), st.sampled_from([2, 4]),
+       hnp.arrays(np.float64, st.integers(1, 50),
+                  elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)),
+       st.integers(-330, 0))
+def test_flush_to_zero_zeroes_only_numbers_below_its_threshold(dtype, root, mantissas, exponent):
+    """Below tiny**(1/root) becomes exactly 0, any other number moves by at most the threshold,
+    and numbers far above it do not move at all: the flush cannot change a meaningful value."""
+    info = np.finfo(dtype)
+    threshold = info.tiny ** (1.0 / root)
+    with np.errstate(over="ignore", under="ignore"):
+        x = (mantissas * 10.0 ** exponent).astype(dtype)
+    x = x[np.isfinite(x)]
+    y = fmnist.flush_to_zero(x.copy(), root)
+    small = np.abs(x) < threshold
+    assert (y[small] == 0).all()
+    assert (np.abs(y.astype(float) - x) <= threshold).all()
+    big = np.abs(x) >= threshold * 2.0 ** (2 * info.nmant + 2)
+    assert (y[big] == x[big]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_on_a_dead_unit_reaches_zero_without_subnormals(dtype):
+    """A unit that never fires gets only the L2 gradient 2*lambda*W; Adam drives such weights to
+    zero geometrically. They must never pass through subnormal numbers, which x86 CPUs process up
+    to 20x slower (see fmnist.flush_to_zero), and must end at the flush threshold or below."""
+    rng = np.random.default_rng(0)
+    params = Params.from_arrays({"W1": rng.normal(0, 0.05, (20, 10)), "b1": np.zeros(10)}, dtype)
+    state, tiny = adam_init(params), np.finfo(dtype).tiny
+    for _ in range(3000):
+        grads = Params.from_arrays({"W1": 2e-4 * params["W1"], "b1": np.zeros(10)}, dtype)
+        params, state = adam_step(params, grads, state)
+        for a in (params.flat, state.m.flat, state.v.flat):
+            assert not ((a != 0) & (np.abs(a) < tiny)).any()
+    assert np.abs(params["W1"]).max() <= 2 * tiny ** 0.25
+
+
+# ================================================================================================
+# Dropout
+# ================================================================================================
+
+@given(data=st.data())
+def test_forward_without_masks_is_deterministic_and_is_the_eval_path(data):
+    """Inverted dropout is the identity at evaluation time: forward(masks=None) is what evaluate uses."""
+    params = data.draw(networks())
+    x = batch_for(params, data.draw)
+    n_classes = fmnist.layer_sizes_of(params)[-1]
+    y = data.draw(hnp.arrays(np.intp, len(x), elements=st.integers(0, n_classes - 1)))
+    logits, _ = forward(params, x)
+    again, _ = forward(params, x)
+    assert np.array_equal(logits, again)
+    assert np.array_equal(predict_logits(params, x), logits)
+    np.testing.assert_allclose(predict_logits(params, x, chunk=3), logits, rtol=1e-12, atol=1e-12)
+    ev = evaluate(params, x, y)
+    assert np.array_equal(ev.predictions, logits.argmax(axis=1))
+    assert ev.loss == cross_entropy(logits, y)
+    assert ev.correct == int((logits.argmax(axis=1) == y).sum()) and ev.accuracy == ev.correct / len(y)
+
+
+@given(data=st.data(), rate=st.floats(0.05, 0.9))
+def test_forward_applies_masks_after_relu_and_ones_masks_change_nothing(data, rate):
+    """dropout(ReLU(Z)) = ReLU(Z) * mask on every hidden layer; an all-ones mask is no dropout."""
+    params = data.draw(networks(min_hidden=1))
+    x = batch_for(params, data.draw)
+    sizes = fmnist.layer_sizes_of(params)
+    masks = dropout_masks(data.draw(st.integers(0, 2**32 - 1)), len(x), sizes[1:-1], rate, "float64")
+    _, cache = forward(params, x, masks)
+    a = x
+    for l in range(1, len(sizes) - 1):
+        a = np.maximum(a @ params[f"W{l}"] + params[f"b{l}"], 0) * masks[l - 1]
+        np.testing.assert_allclose(cache.inputs[l], a, rtol=1e-10, atol=1e-12)
+    ones = tuple(np.ones_like(m) for m in masks)
+    assert np.array_equal(forward(params, x, ones)[0], forward(params, x)[0])
+
+
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 20),
+       hidden=st.lists(st.integers(1, 20), min_size=1, max_size=3), rate=st.floats(0.01, 0.95),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_dropout_mask_values_are_zero_or_inverse_keep_probability(seed, batch, hidden, rate, dtype):
+    """Inverted dropout zeroes a unit or scales it by 1/(1-p); no other value may appear."""
+    masks = dropout_masks(seed, batch, hidden, rate, dtype)
+    assert len(masks) == len(hidden)
+    scale = np.dtype(dtype).type(1 / (1 - rate))
+    for m, h in zip(masks, hidden):
+        assert m.shape == (batch, h) and m.dtype == np.dtype(dtype)
+        assert np.isin(m, [0, scale]).all()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.8])
+def test_dropout_mask_mean_is_one_so_activations_keep_their_mean(rate):
+    """E[mask] = (1-p) * 1/(1-p) = 1: checked over a million entries within 5 standard errors."""
+    masks = dropout_masks(int(rate * 100), 2000, (500, 250), rate)
+    for m in masks:
+        n = m.size
+        assert abs(m.mean(dtype=np.float64) - 1) < 5 * np.sqrt(rate / (1 - rate) / n)
+        assert abs((m == 0).mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert not np.array_equal(masks[0][:, :250], masks[1]), "layers must get independent draws"
+
+
+def test_dropout_rate_zero_is_none_and_out_of_range_rates_are_refused():
+    """Rate 0 means no dropout at all (forward then takes the eval path); rate 1 would divide by 0."""
+    assert dropout_masks(0, 4, (3,), 0.0) is None
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout"):
+            dropout_masks(0, 4, (3,), bad)
+
+
+def test_dropout_masks_are_reproducible_from_the_seed():
+    """Masks come from the seed alone, so an epoch can be replayed exactly."""
+    a, b, c = (dropout_masks(s, 8, (5, 4), 0.5) for s in (1, 1, 2))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+# ================================================================================================
+# Training
+# ================================================================================================
+
+def test_a_small_network_overfits_32_real_images(raw):
+    """Forward, backward and Adam together must be able to memorise a tiny batch; if not, one is wrong."""
+    x, y = normalise(raw.train_images[:32]), raw.train_labels[:32].astype(np.intp)
+    config = Config(hidden=(64,), dropout=0.0, l2=0.0, lr=3e-3, batch_size=32)
+    params = init_params(config.layer_sizes, config.seed)
+    state = adam_init(params)
+    first = evaluate(params, x, y)
+    for epoch in range(1, 201):
+        params, state, stats = train_epoch(params, state, x, y, config, epoch)
+        if evaluate(params, x, y).accuracy == 1.0:
+            break
+    final = evaluate(params, x, y)
+    assert final.accuracy == 1.0, (epoch, final)
+    assert final.loss < first.loss
+    assert state.step == epoch            # one batch per epoch -> one Adam step per epoch
+
+
+def _fold_early_stopping(corrects, patience):
+    best, stop = Best(), None
+    for epoch, c in enumerate(corrects, start=1):
+        best = early_stopping_update(best, epoch, c)
+        if should_stop(best, patience):
+            stop = epoch
+            break
+    return best, stop
+
+
+def test_early_stopping_on_a_scripted_sequence():
+    """The best epoch is the first to reach the highest count (ties are not improvements), and training
+    stops once `patience` epochs in a row fail to beat it."""
+    #           epoch: 1   2   3   4   5   6   7   8   9
+    corrects = [50, 60, 60, 55, 70, 70, 69, 68, 99]
+    assert early_stopping_update(Best(), 1, 0) == Best(1, 0, 0)   # the first epoch always counts
+    assert _fold_early_stopping(corrects[:3], 3) == (Best(2, 60, 1), None)   # the tie at 3 waits
+    assert _fold_early_stopping(corrects, 3) == (Best(5, 70, 3), 8)
+    assert _fold_early_stopping(corrects, 4) == (Best(9, 99, 0), None)
+    assert _fold_early_stopping(corrects, 1) == (Best(2, 60, 1), 3)
+
+
+@given(corrects=st.lists(st.integers(0, 4), min_size=1, max_size=20), patience=st.integers(1, 5))
+def test_early_stopping_matches_a_reference(corrects, patience):
+    """Best = first epoch at the running maximum; stop = first epoch `patience` epochs after it."""
+    best, stop = _fold_early_stopping(corrects, patience)
+    expected_stop = None
+    for epoch in range(1, len(corrects) + 1):
+        best_epoch = int(np.argmax(corrects[:epoch])) + 1          # argmax takes the first maximum
+        if epoch - best_epoch >= patience:
+            expected_stop = epoch
+            break
+    seen = corrects[:expected_stop or len(corrects)]
+    assert stop == expected_stop
+    assert (best.epoch, best.correct) == (int(np.argmax(seen)) + 1, max(seen))
+    assert best.waited == len(seen) - best.epoch
+
+
+def _tiny_splits(raw, n_train=500, n_val=500, noisy_val=False):
+    splits = make_splits(raw, Config(limit=n_train))
+    y_val = splits.y_val[:n_val]
+    if noisy_val:
+        y_val = np.random.default_rng(0).integers(0, 10, n_val)
+    return splits._replace(x_val=splits.x_val[:n_val], y_val=y_val)
+
+
+def test_fit_keeps_the_params_of_the_best_epoch_and_stops_after_patience(raw):
+    """best_params must be the best epoch's network (what gets saved), not the last one.
+
+    Validation labels are random, so validation accuracy wanders and early stopping triggers.
+    """
+    splits = _tiny_splits(raw, noisy_val=True)
+    config = Config(hidden=(16,), epochs=30, patience=2, batch_size=64, limit=500)
+    run = list(fit(splits, config))
+    states, history = [s for s, _ in run], [r for _, r in run]
+    final = states[-1]
+    corrects = [r["val_correct"] for r in history]
+    assert [r["epoch"] for r in history] == list(range(1, len(run) + 1))
+    assert final.best.correct == max(corrects) and final.best.epoch == corrects.index(max(corrects)) + 1
+    assert len(run) < config.epochs and len(run) == final.best.epoch + config.patience
+    assert bits(final.best_params) == bits(states[final.best.epoch - 1].params)
+    assert bits(final.best_params) != bits(final.params)
+    ev = evaluate(final.best_params, splits.x_val, splits.y_val)
+    assert ev.correct == final.best.correct
+    assert ev.accuracy == history[final.best.epoch - 1]["val_accuracy"]
+
+
+def test_patience_zero_never_stops_early(raw):
+    """patience 0 means no early stopping: every one of config.epochs epochs is trained."""
+    config = Config(hidden=(4,), epochs=3, patience=0, limit=100)
+    assert [r["epoch"] for _, r in fit(_tiny_splits(raw, 100, 100), config)] == [1, 2, 3]
+    assert not should_stop(Best(1, 5, 1000), 0)
+
+
+def test_train_epoch_same_seed_bit_identical_other_seed_differs(raw):
+    """Every draw (init, shuffle, dropout) comes from the seed, so a run replays bit for bit."""
+    x, y = normalise(raw.train_images[:256]), raw.train_labels[:256].astype(np.intp)
+
+    def one_epoch(config, params=None, epoch=1):
+        params = params if params is not None else init_params(config.layer_sizes, config.seed)
+        return train_epoch(params, adam_init(params), x, y, config, epoch)[0]
+
+    config = Config(hidden=(32,), batch_size=64, dropout=0.3)
+    a, b = one_epoch(config), one_epoch(config)
+    assert bits(a) == bits(b)
+    other = dataclasses.replace(config, seed=43)
+    assert bits(one_epoch(other)) != bits(a)
+    start = init_params(config.layer_sizes, config.seed)     # same start: shuffle and dropout differ
+    assert bits(one_epoch(other, start)) != bits(a)
+    assert bits(one_epoch(config, start, epoch=2)) != bits(a)
+
+
+# ================================================================================================
+# Evaluation: confusion matrix, per-class metrics, top confusions
+# ================================================================================================
+
+#                 predicted: 0  1  2  3
+HAND_CONFUSION = np.array([[5, 2, 1, 0],     # true 0
+                           [1, 3, 0, 0],     # true 1
+                           [0, 0, 0, 0],     # true 2: no examples -> recall 0/0
+                           [1, 0, 0, 0]])    # true 3: never predicted -> precision 0/0
+
+
+def test_confusion_matrix_counts_true_rows_predicted_columns():
+    """C[i, j] counts class-i examples predicted as j; the metrics read TP, FP, FN off it."""
+    y_true = np.array([0] * 5 + [0] * 2 + [0] + [1] + [1] * 3 + [3])
+    y_pred = np.array([0] * 5 + [1] * 2 + [2] + [0] + [1] * 3 + [0])
+    assert np.array_equal(confusion_matrix(y_true, y_pred, 4), HAND_CONFUSION)
+
+
+def test_per_class_metrics_by_hand_with_zero_division_as_zero():
+    """precision = TP/predicted, recall = TP/actual, F1 = 2TP/(2TP+FP+FN); 0/0 is reported as 0."""
+    m = per_class_metrics(HAND_CONFUSION)
+    np.testing.assert_allclose(m.precision, [5 / 7, 3 / 5, 0, 0])
+    np.testing.assert_allclose(m.recall, [5 / 8, 3 / 4, 0, 0])
+    np.testing.assert_allclose(m.f1, [2 / 3, 2 / 3, 0, 0])
+    assert list(m.support) == [8, 4, 0, 1]
+    assert all(np.isfinite(a).all() for a in m)
+
+
+@given(y=hnp.arrays(np.intp, st.integers(1, 60), elements=st.integers(0, 9)), data=st.data())
+def test_metrics_agree_with_counts_on_random_predictions(y, data):
+    """Rows sum to the true counts, the diagonal to the correct ones, and F1 is the harmonic mean."""
+    pred = data.draw(hnp.arrays(np.intp, len(y), elements=st.integers(0, 9)))
+    c = confusion_matrix(y, pred)
+    assert c.shape == (10, 10) and c.sum() == len(y)
+    assert np.array_equal(c.sum(axis=1), np.bincount(y, minlength=10))
+    assert np.array_equal(c.sum(axis=0), np.bincount(pred, minlength=10))
+    assert np.trace(c) == (y == pred).sum()
+    m = per_class_metrics(c)
+    tp, fp, fn = np.diag(c), c.sum(0) - np.diag(c), c.sum(1) - np.diag(c)
+    denom = 2 * tp + fp + fn
+    np.testing.assert_allclose(m.f1, np.divide(2 * tp, denom, out=np.zeros(10), where=denom > 0))
+    for a in (m.precision, m.recall, m.f1):
+        assert ((0 <= a) & (a <= 1)).all()
+
+
+def test_top_confusions_by_hand():
+    """Pairs are ranked by mistakes counted both ways, ties by class order, and zero pairs omitted."""
+    assert top_confusions(HAND_CONFUSION) == [(0, 1, 2, 1), (0, 2, 1, 0), (0, 3, 0, 1)]
+    assert top_confusions(HAND_CONFUSION, n=2) == [(0, 1, 2, 1), (0, 2, 1, 0)]
+    assert top_confusions(np.diag([3, 4, 5])) == []
+
+
+@given(c=hnp.arrays(np.int64, (10, 10), elements=st.integers(0, 30)), n=st.integers(1, 12))
+def test_top_confusions_are_sorted_and_complete(c, n):
+    """The report lists the largest confusions first, so no omitted pair may exceed a listed one."""
+    top = top_confusions(c, n)
+    totals = [ab + ba for _, _, ab, ba in top]
+    assert len(top) <= n and totals == sorted(totals, reverse=True) and all(t > 0 for t in totals)
+    for i, j, ab, ba in top:
+        assert i < j and (ab, ba) == (c[i, j], c[j, i])
+    listed = {(i, j) for i, j, *_ in top}
+    rest = [c[i, j] + c[j, i] for i in range(10) for j in range(i + 1, 10) if (i, j) not in listed]
+    if len(top) == n and rest:
+        assert max(rest) <= min(totals)
+    elif len(top) < n:
+        assert all(t == 0 for t in rest)
+
+
+# ================================================================================================
+# The split
+# ================================================================================================
+
+def test_split_indices_partition_the_training_set():
+    """The report's 50,000 / 10,000 split holds every official training image exactly once."""
+    train, val = split_indices(60_000, 10_000, 42)
+    assert len(train) == 50_000 and len(val) == 10_000
+    assert not np.intersect1d(train, val).size
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(60_000))
+    again, other = split_indices(60_000, 10_000, 42), split_indices(60_000, 10_000, 43)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
+    assert not np.array_equal(other[1], val)
+
+
+def test_make_splits_with_limit_takes_the_first_training_indices(raw):
+    """--limit shrinks only the training set; validation and test stay the report's."""
+    config = Config(limit=1234)
+    s = make_splits(raw, config)
+    train_idx, val_idx = split_indices(60_000, config.val_size, config.split_seed)
+    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (1234, 10_000, 10_000)
+    assert s.x_train.shape == (1234, 784) and s.x_train.dtype == np.float32
+    assert np.array_equal(s.y_train, raw.train_labels[train_idx[:1234]])
+    assert np.array_equal(s.x_train, normalise(raw.train_images[train_idx[:1234]]))
+    assert np.array_equal(s.y_val, raw.train_labels[val_idx])
+    assert np.array_equal(s.y_test, raw.test_labels)
+    assert np.issubdtype(s.y_train.dtype, np.integer)
+
+
+# ================================================================================================
+# The real data
+# ================================================================================================
+
+def test_real_data_shapes_and_class_balance(raw):
+    """Fashion-MNIST has 60,000 + 10,000 28x28 images, 6,000 and 1,000 of each of the 10 classes."""
+    assert raw.train_images.shape == (60_000, 28, 28) and raw.test_images.shape == (10_000, 28, 28)
+    assert raw.train_labels.shape == (60_000,) and raw.test_labels.shape == (10_000,)
+    assert all(a.dtype == np.uint8 for a in raw)
+    assert np.array_equal(np.bincount(raw.train_labels, minlength=10), [6000] * 10)
+    assert np.array_equal(np.bincount(raw.test_labels, minlength=10), [1000] * 10)
+
+
+def test_shipped_files_match_the_published_checksums():
+    """DATA_FILES are Zalando's SHA-256 and sizes; the shipped files must be those exact bytes."""
+    for name, (sha256, size) in DATA_FILES.items():
+        data = gzip.decompress((DATA / f"{name}.gz").read_bytes())
+        assert len(data) == size, name
+        assert hashlib.sha256(data).hexdigest() == sha256, name
+
+
+def test_normalised_train_split_has_mean_zero_and_std_one(raw):
+    """The report's constants 0.286 and 0.353 are the training pixels' mean and std on [0, 1]."""
+    x = make_splits(raw).x_train
+    assert abs(x.mean(dtype=np.float64)) < 0.005
+    assert abs(x.std(dtype=np.float64) - 1) < 0.005
+
+
+# ================================================================================================
+# The loader
+# ================================================================================================
+
+def idx_bytes(magic, dims, payload=b""):
+    return struct.pack(f">I{len(dims)}I", magic, *dims) + bytes(payload)
+
+
+def io_path(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _link(src: Path, dst: Path):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.symlink_to(src)
+    except OSError:
+        shutil.copy(src, dst)
+
+
+@pytest.mark.parametrize("layout", ["zalando, uncompressed labels", "torchvision FashionMNIST/raw"])
+def test_loader_reads_gz_and_uncompressed_files_in_both_layouts(raw, tmp_path, layout):
+    """The same arrays must come out whichever of the two common layouts and encodings holds them."""
+    folder = tmp_path if layout.startswith("zalando") else tmp_path / "FashionMNIST" / "raw"
+    for name in DATA_FILES:
+        src = DATA / f"{name}.gz"
+        if "labels" in name and layout.startswith("zalando"):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(gzip.decompress(src.read_bytes()))
+        else:
+            _link(src, folder / f"{name}.gz")
+    loaded = load_fashion_mnist(tmp_path)
+    for a, b in zip(loaded, raw):
+        assert np.array_equal(a, b)
+
+
+def test_read_idx_gz_and_plain_give_the_same_array_and_hash(tmp_path):
+    """The checksum is of the decompressed bytes, so compressing a file must not change anything."""
+    data = idx_bytes(2049, [5], [3, 1, 4, 1, 5])
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / "plain").write_bytes(data)
+    (tmp_path / "packed").write_bytes(gzip.compress(data))
+    a, b = read_idx(tmp_path / "plain", sha), read_idx(tmp_path / "packed", sha)
+    assert np.array_equal(a, [3, 1, 4, 1, 5]) and np.array_equal(a, b) and a.dtype == np.uint8
+    images = idx_bytes(2051, [2, 28, 28], bytes(range(256)) * 6 + bytes(1568 - 1536))
+    assert read_idx(io_path(tmp_path / "img", images)).shape == (2, 28, 28)
+
+
+def test_load_refuses_a_file_with_one_label_changed(tmp_path):
+    """A flipped byte that still parses must be caught by the checksum, naming the damaged file."""
+    for name in DATA_FILES:
+        _link(DATA / f"{name}.gz", tmp_path / f"{name}.gz")
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    data = bytearray(gzip.decompress((DATA / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    data[8 + 5] = (data[8 + 5] + 1) % 10                     # still a valid label
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ".*checksum"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_load_names_a_missing_file(tmp_path):
+    """A user with a missing file must be told which one and where it was looked for."""
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_truncated_gz_is_a_data_error_naming_the_file(tmp_path):
+    """A half-downloaded file must say so, not raise EOFError from deep inside gzip."""
+    packed = (DATA / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    bad = io_path(tmp_path / "t10k-labels-idx1-ubyte.gz", packed[:len(packed) // 2])
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        read_idx(bad, DATA_FILES["t10k-labels-idx1-ubyte"][0])
+
+
+BAD_IDX = {
+    "empty": b"",
+    "wrong magic": idx_bytes(2052, [3], [1, 2, 3]),
+    "label above 9": idx_bytes(2049, [3], [1, 10, 2]),
+    "header claims 10^9 images": idx_bytes(2051, [10**9, 28, 28], bytes(784)),
+    "header claims 10^9 labels": idx_bytes(2049, [10**9], [1, 2, 3]),
+    "truncated data": idx_bytes(2049, [5], [1, 2, 3]),
+    "data longer than header": idx_bytes(2049, [2], [1, 2, 3]),
+    "images not 28x28": idx_bytes(2051, [1, 27, 28], bytes(27 * 28)),
+    "truncated header": idx_bytes(2051, [1])[:7],
+}
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("case", BAD_IDX)
+def test_damaged_idx_files_raise_data_error_naming_the_file(tmp_path, case, gz):
+    """Every kind of damage must become one DataError the user can act on: which file, what is wrong."""
+    data = BAD_IDX[case]
+    path = io_path(tmp_path / ("f.gz" if gz else "f"), gzip.compress(data) if gz else data)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        read_idx(path)
+    with pytest.raises(DataError, match="the-name"):
+        parse_idx(io.BytesIO(data), "the-name")
+
+
+def test_hostile_header_is_refused_before_allocating(tmp_path):
+    """A header claiming 10^9 labels must not make the loader reserve a gigabyte to read them."""
+    path = io_path(tmp_path / "f", idx_bytes(2049, [10**9], [1, 2, 3]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
+@st.composite
+def idx_like_bytes(draw):
+    """Mostly well-formed IDX headers with payloads of about the right length and content."""
+    magic = draw(st.sampled_from([2049, 2051]) | st.integers(0, 2**32 - 1))
+    if magic == 2051:
+        dims = [draw(st.integers(0, 2)), *draw(st.sampled_from([(28, 28), (28, 27), (1, 28)]))]
+    else:
+        dims = [draw(st.integers(0, 40))]
+    size = int(np.prod(dims)) + draw(st.sampled_from([0, 0, 0, -1, 1, -5]))
+    payload = draw(st.binary(min_size=max(size, 0), max_size=max(size, 0))
+                   | st.lists(st.integers(0, 9), min_size=max(size, 0), max_size=max(size, 0)))
+    return idx_bytes(magic, dims, payload)[:draw(st.none() | st.integers(0, 20)) or None]
+
+
+@given(data=idx_like_bytes() | st.binary(max_size=64))
+@example(data=idx_bytes(2049, [0]))
+def test_parse_idx_returns_a_valid_array_or_raises_data_error(data):
+    """Whatever the bytes, the loader either returns well-formed uint8 data or a DataError, never junk."""
+    try:
+        a = parse_idx(io.BytesIO(data))
+    except DataError:
+        return
+    assert a.dtype == np.uint8 and a.ndim in (1, 3)
+    assert a.ndim == 1 or a.shape[1:] == (28, 28)
+    assert idx_bytes(2049 if a.ndim == 1 else 2051, a.shape, a.tobytes()) == data
+    assert a.ndim == 3 or a.size == 0 or a.max() <= 9
+
+
+# ================================================================================================
+# Checkpoints
+# ================================================================================================
+
+@given(hidden=st.lists(st.integers(1, 8), min_size=1, max_size=2), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(["float32", "float64"]), dropout=st.floats(0, 0.9),
+       epoch=st.integers(1, 50))
+def test_checkpoint_round_trip_is_exact(hidden, seed, dtype, dropout, epoch):
+    """Evaluating a saved run must use exactly the trained numbers and the run's own config."""
+    config = Config(hidden=tuple(hidden), seed=seed, dtype=dtype, dropout=dropout, limit=100)
+    params = init_params(config.layer_sizes, seed, dtype)
+    params = params.like(params.flat + np.arange(params.flat.size, dtype=dtype))  # nonzero biases too
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "best.npz"
+        save_checkpoint(path, params, config, epoch=epoch)
+        loaded, loaded_config, meta = load_checkpoint(path)
+    assert loaded_config == config and meta["epoch"] == epoch
+    assert list(loaded) == list(params)
+    for k in params:
+        assert loaded[k].dtype == params[k].dtype and loaded[k].shape == params[k].shape
+        assert loaded[k].tobytes() == params[k].tobytes()
+    assert not loaded.flat.flags.writeable
+
+
+def test_checkpoint_with_an_object_array_is_refused(tmp_path):
+    """Loading an object array would unpickle, which can run arbitrary code; it must be refused."""
+    params = init_params((784, 4, 10), 0)
+    meta = json.dumps({"format": fmnist.CHECKPOINT_FORMAT, "config": Config(hidden=(4,)).to_json()})
+    path = tmp_path / "evil.npz"
+    arrays = dict(params) | {"W1": np.array([{"x": 1}], dtype=object), "meta": np.array(meta)}
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_that_does_not_fit_its_config_names_both_shapes(tmp_path):
+    """A mismatched checkpoint must say what it holds and what its config needs, not fail in matmul."""
+    path = tmp_path / "c.npz"
+    with pytest.raises(CheckpointError, match="784-8-10.*784-16-10"):   # refused on save, too
+        save_checkpoint(path, init_params((784, 8, 10), 0), Config(hidden=(16,)))
+    save_checkpoint(path, init_params((784, 8, 10), 0), Config(hidden=(8,)))
+    with np.load(path) as npz:      # rewrite the config inside, as another tool might
+        arrays = dict(npz)
+    arrays["meta"] = np.array(str(arrays["meta"]).replace('"hidden": [8]', '"hidden": [16]'))
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "(784, 8)" in str(err.value) and "(784, 16)" in str(err.value) and str(path) in str(err.value)
+
+
+# ================================================================================================
+# Shape errors
+# ================================================================================================
+
+def _shape_setup():
+    params = init_params((784, 8, 10), 0)
+    rng = np.random.default_rng(0)
+    return params, rng.normal(size=(5, 784)).astype(np.float32), rng.integers(0, 10, 5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, x, y: forward(p, x),
+    lambda p, x, y: predict_logits(p, x),
+    lambda p, x, y: evaluate(p, x, y),
+    lambda p, x, y: train_epoch(p, adam_init(p), x, y, Config(hidden=(8,))),
+], ids=["forward", "predict_logits", "evaluate", "train_epoch"])
+def test_unflattened_images_give_a_value_error_naming_both_shapes(call):
+    """(B, 28, 28) images must be refused with the expected (batch, 784), not broadcast or crash later."""
+    params, x, y = _shape_setup()
+    with pytest.raises(ValueError, match=r"\(batch, 784\).*\(5, 28, 28\)"):
+        call(params, x.reshape(5, 28, 28), y)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, x, y: evaluate(p, x, y),
+    lambda p, x, y: train_epoch(p, adam_init(p), x, y, Config(hidden=(8,))),
+    lambda p, x, y: backward(p, forward(p, x)[1], y),
+], ids=["evaluate", "train_epoch", "backward"])
+def test_labels_of_the_wrong_length_give_a_value_error_naming_both_shapes(call):
+    """Labels that do not match the batch would silently score the wrong rows; they must be refused."""
+    params, x, y = _shape_setup()
+    with pytest.raises(ValueError, match=r"\(5,\).*\(4,\)"):
+        call(params, x, y[:4])
+
+
+# ================================================================================================
+# Command line (subprocesses, as a user runs it)
+# ================================================================================================
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "fmnist.py", *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("train", "--limit", 2000, "--epochs", 1, "--out", out)
+    return out, proc
+
+
+def test_cli_train_writes_a_complete_run(trained_run, raw):
+    """A finished run directory holds the best checkpoint, its config, the history and the metrics."""
+    out, proc = trained_run
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == {"best.npz", "config.json", "history.json", "metrics.json"}
+    config = Config(limit=2000, epochs=1)
+    assert json.loads((out / "config.json").read_text()) == config.to_json()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["epoch"] == 1
+    assert history[0]["val_accuracy"] == history[0]["val_correct"] / 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["best_epoch"], metrics["epochs_run"], metrics["stopped_early"]) == (1, 1, False)
+    assert metrics["val_accuracy"] == history[0]["val_accuracy"]
+    assert 0.5 < metrics["test_accuracy"] <= 1 and 0.5 < metrics["val_accuracy"] <= 1   # chance is 0.1
+    confusion = np.array(metrics["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 10_000
+    assert np.trace(confusion) / 10_000 == metrics["test_accuracy"]
+    assert [c["class"] for c in metrics["per_class"]] == list(fmnist.CLASS_NAMES)
+    assert [c["support"] for c in metrics["per_class"]] == [1000] * 10
+    params, loaded_config, meta = load_checkpoint(out / "best.npz")
+    assert loaded_config == config and meta["epoch"] == 1
+    splits = make_splits(raw, config)
+    assert evaluate(params, splits.x_val, splits.y_val).correct == history[0]["val_correct"]
+
+
+def test_cli_evaluate_reproduces_the_run_figures(trained_run):
+    """Evaluating the saved checkpoint must give the test accuracy the run reported."""
+    out, proc = trained_run
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    ev = run_cli("evaluate", out / "best.npz")
+    assert ev.returncode == 0, ev.stderr
+    assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
+                     ev.stdout), ev.stdout
+
+
+def test_cli_refuses_to_overwrite_a_finished_run(trained_run, tmp_path):
+    """Re-running into a finished run directory must not destroy its results without --force."""
+    out, proc = trained_run
+    assert proc.returncode == 0, proc.stderr
+    copy = shutil.copytree(out, tmp_path / "run")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.iterdir()}
+    again = run_cli("train", "--limit", 2000, "--epochs", 1, "--out", copy)
+    assert again.returncode != 0
+    assert "--force" in again.stderr and "Traceback" not in again.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.iterdir()} == before
+
+
+@pytest.mark.parametrize("flag, value, word", [("--lr", "-1", "learning rate"), ("--dropout", "1", "dropout"),
+                                               ("--hidden", "0", "hidden")])
+def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flag, value, word):
+    """A value out of range is the user's typo: exit 2 with one line saying which, and touch nothing."""
+    out = tmp_path / "never"
+    proc = run_cli("train", flag, value, "--out", out)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and word in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"]], ids=["top", "train", "evaluate"])
+def test_cli_help_works_for_each_command(command):
+    """--help is how a user finds the flags; it must work everywhere and list them."""
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: fmnist"), proc.stderr
+    expected = {"": ["train", "evaluate"], "train": ["--lr", "--dropout", "--hidden", "--limit", "--force"],
+                "evaluate": ["checkpoint", "--data-dir"]}["".join(command)]
+    assert all(e in proc.stdout for e in expected), proc.stdout

@@ -1,0 +1,462 @@
+"""Property tests for backprop and the loss: is `backward` really the derivative of `total_loss`?
+
+`fmnist.backward` is the chain rule written out by hand, so nothing but a test stands between a
+typo in it and a network that trains a little worse for no visible reason. The test here is the
+definition of a derivative: nudge one parameter by +h and by -h, and the loss must change by about
+2h times the gradient that `backward` reported for that parameter. The networks are tiny (1-3
+hidden layers of width 1-8), so every single parameter is checked, not a sample of them.
+
+The second half checks the softmax and cross-entropy that feed backprop: they must survive logits
+that would overflow a naive `exp`, and the fused gradient `(softmax - onehot) / B` must have the
+structure that shift invariance forces on it (every row sums to zero).
+
+Hypothesis draws the networks, batches, dropout masks and logits from the named strategies below;
+the number of examples comes from the profile in conftest.py (`HYPOTHESIS_PROFILE=heavy` for many).
+
+Run: `python -m pytest test_gradients.py -q`
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import fmnist as fm
+
+# ================================================================================================
+# Numerical constants, and why they have these values
+# ================================================================================================
+
+EPS64 = np.finfo(np.float64).eps   # 2.2e-16: relative rounding error of one float64 operation
+
+# Central differences (L(p + h) - L(p - h)) / 2h have two errors that pull h in opposite ways:
+#   truncation  ~ h^2 / 6 * L'''             (shrinks with h: 1e-12 * L''' at h = 1e-6)
+#   rounding    ~ eps * |L| / h              (grows as h shrinks: 2e-10 * |L| at h = 1e-6)
+# h = 1e-6 makes both tiny; rounding dominates, so it sets the absolute tolerance below.
+H = 1e-6
+
+# Measured, the finite-difference error stays below 1.3 * eps * max(1, |L|) / h on these networks;
+# 64 leaves a wide margin while still catching any real mistake (a wrong gradient is off by about
+# its own size, typically 1e-3 or more, against a tolerance near 1e-8).
+ROUNDING_SAFETY = 64
+FD_RTOL = 1e-6          # room for the truncation term h^2 L''' / 6, far below this
+
+# ReLU has a kink at 0 where it has no derivative: if a nudge of h carries a pre-activation Z across
+# 0, the finite difference measures the average of two slopes, not the derivative. A change of h in
+# one parameter moves any Z by h * |dZ/dparam|, measured below 90 for these small, bounded networks,
+# so keeping every (kept) hidden pre-activation at least 1000 h away from 0 keeps each nudge on one
+# linear piece of every ReLU.
+KINK_MARGIN = 1000 * H
+
+DTYPES = ("float32", "float64")
+
+# ================================================================================================
+# Strategies: small networks, batches, dropout masks, logits
+# ================================================================================================
+
+
+class Case(NamedTuple):
+    """One gradient-check problem: a network, a batch, and the fixed choices the loss depends on."""
+
+    params: fm.Params
+    x: np.ndarray                           # (B, n_in)
+    labels: np.ndarray                      # (B,) integers in [0, n_out)
+    masks: tuple[np.ndarray, ...] | None    # one (B, h) inverted-dropout mask per hidden layer
+    l2: float
+
+
+@st.composite
+def layer_sizes(draw) -> tuple[int, ...]:
+    """(n_in, h_1, ..., h_k, n_out): 1-3 hidden layers of width 1-8, 2-10 output classes.
+
+    Width 1 is allowed on purpose: a one-unit layer is where a transposed matrix or a wrong
+    broadcast in backward still "works" for square shapes and fails only here.
+    """
+    n_in = draw(st.integers(1, 8))
+    hidden = draw(st.lists(st.integers(1, 8), min_size=1, max_size=3))
+    n_out = draw(st.integers(2, 10))
+    return (n_in, *hidden, n_out)
+
+
+@st.composite
+def small_networks(draw, dtype: str = "float64", dropout: bool = True, l2: bool = True) -> Case:
+    """A tiny MLP (He-initialised from a drawn seed), a batch of 1-6 bounded inputs and labels,
+    and, if asked, dropout masks drawn once and an L2 strength in [0, 0.1].
+
+    The biases are drawn rather than left at init's zeros, and kept at least 1/16 away from zero:
+    a unit whose inputs are all zero (an all-zero x, which Hypothesis loves, or a layer below that
+    ReLU switched off entirely) has Z = b, and b = 0 would put it exactly on ReLU's kink.
+    """
+    sizes = draw(layer_sizes())
+    params = fm.init_params(sizes, seed=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
+    arrays_ = {name: np.array(a) for name, a in params.items()}
+    width = 32 if dtype == "float32" else 64
+    for name, a in arrays_.items():
+        if name.startswith("b"):
+            magnitudes = st.floats(1 / 16, 1, width=width)      # bounds exact in float32
+            arrays_[name] = draw(arrays(dtype, a.shape, elements=st.one_of(
+                magnitudes, magnitudes.map(lambda m: -m))))
+    params = fm.Params.from_arrays(arrays_)
+    batch = draw(st.integers(1, 6))
+    x = draw(arrays(dtype, (batch, sizes[0]), elements=st.floats(-3, 3, width=width)))
+    labels = draw(arrays(np.intp, batch, elements=st.integers(0, sizes[-1] - 1)))
+    masks = None
+    if dropout:
+        rate = draw(st.floats(0.05, 0.6))
+        masks = fm.dropout_masks(draw(st.integers(0, 2**32 - 1)), batch, sizes[1:-1], rate, dtype)
+    strength = draw(st.floats(0.0, 0.1)) if l2 else 0.0
+    return Case(params, x, labels, masks, strength)
+
+
+def logit_matrices(dtype: str, bound: float) -> st.SearchStrategy[np.ndarray]:
+    """(B, K) logits, B in 1-6 and K in 1-10, every entry finite and within +-bound."""
+    width = 32 if dtype == "float32" else 64
+    shapes = st.tuples(st.integers(1, 6), st.integers(1, 10))
+    elements = st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=width)
+    return shapes.flatmap(lambda shape: arrays(dtype, shape, elements=elements))
+
+
+@st.composite
+def logits_and_labels(draw, dtype: str, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """A logit matrix and one valid label per row."""
+    z = draw(logit_matrices(dtype, bound))
+    labels = draw(arrays(np.intp, len(z), elements=st.integers(0, z.shape[1] - 1)))
+    return z, labels
+
+
+# The largest logits each dtype must survive: beyond exp's overflow point (88 in float32, 709 in
+# float64) by far, yet small enough that z - max(z) itself (up to 2 * bound) is still finite.
+EXTREME = {"float32": 1e4, "float64": 1e300}
+
+# ================================================================================================
+# Helpers: pre-activations, finite differences, comparison
+# ================================================================================================
+
+
+def hidden_preactivations(params, x, masks) -> list[np.ndarray]:
+    """Z_l = A_{l-1} @ W_l + b_l for each hidden layer, computed here independently of fmnist."""
+    L = len(params) // 2
+    A, zs = x, []
+    for l in range(1, L):
+        Z = A @ params[f"W{l}"] + params[f"b{l}"]                        # (B, n_l)
+        zs.append(Z)
+        A = np.maximum(Z, 0) * (1.0 if masks is None else masks[l - 1])  # dropout(ReLU(Z))
+    return zs
+
+
+def distance_to_kink(case: Case) -> float:
+    """The smallest |Z| over hidden units that dropout keeps (a dropped unit outputs 0 on both
+    sides of the kink, so its slope is 0 either way and it cannot spoil a finite difference)."""
+    distances = [np.inf]
+    for l, Z in enumerate(hidden_preactivations(case.params, case.x, case.masks)):
+        kept = np.ones(Z.shape, bool) if case.masks is None else case.masks[l] != 0
+        distances.append(np.abs(Z[kept]).min(initial=np.inf))
+    return float(min(distances))
+
+
+def unflatten(vector: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Cut a flat vector back into named arrays of the given shapes (copies, in order)."""
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = vector[start:start + size].reshape(shape).copy()
+        start += size
+    return out
+
+
+def numerical_gradient(loss, params, h: float = H) -> dict[str, np.ndarray]:
+    """Central differences (L(p + h e_i) - L(p - h e_i)) / (2h), for every coordinate i of params.
+
+    Params are read-only, so each nudged point is a new Params built from copies. Dividing by the
+    step actually taken, (p_i + h) - (p_i - h) as rounded in floating point, rather than by 2h
+    removes one source of error for free.
+    """
+    shapes = {name: a.shape for name, a in params.items()}
+    flat = np.concatenate([np.ravel(a) for a in params.values()])       # (P,)
+    grad = np.empty_like(flat)
+    for i in range(flat.size):
+        plus, minus = flat.copy(), flat.copy()
+        plus[i] += h
+        minus[i] -= h
+        rise = loss(fm.Params.from_arrays(unflatten(plus, shapes)))
+        rise -= loss(fm.Params.from_arrays(unflatten(minus, shapes)))
+        grad[i] = rise / (plus[i] - minus[i])
+    return unflatten(grad, shapes)
+
+
+def assert_gradients_match(analytic, numeric, loss_value: float) -> None:
+    """Compare per parameter with an absolute tolerance set by the finite difference's rounding.
+
+    A purely relative test such as |a - b| / (|a| + |b|) < 1e-5 is wrong here: many gradient
+    entries are tiny (1e-6, a unit that barely matters), and for them the finite difference's
+    absolute rounding error, about eps * |L| / h, is larger than 1e-5 of the entry.
+    """
+    atol = ROUNDING_SAFETY * EPS64 * max(1.0, abs(loss_value)) / H
+    for name in analytic:
+        np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=atol,
+                                   err_msg=f"d(total_loss)/d{name}: backward vs finite differences")
+
+
+def check_backward_against_finite_differences(case: Case) -> None:
+    assume(distance_to_kink(case) > KINK_MARGIN)
+
+    def loss(params):
+        return fm.total_loss(params, case.x, case.labels, case.l2, case.masks)
+
+    _, cache = fm.forward(case.params, case.x, case.masks)
+    analytic = fm.backward(case.params, cache, case.labels, case.l2)
+    assert_gradients_match(analytic, numerical_gradient(loss, case.params), loss(case.params))
+
+
+def onehot(labels: np.ndarray, k: int) -> np.ndarray:
+    return np.eye(k)[labels]                                             # (B, K)
+
+
+# ================================================================================================
+# Gradient checks: backward is the derivative of total_loss
+# ================================================================================================
+
+
+@given(case=small_networks(dropout=True, l2=True))
+def test_backward_matches_finite_differences_with_dropout_and_l2(case):
+    """Every entry of `backward` equals the slope of `total_loss` along that parameter.
+
+    This is the training objective exactly as `train_epoch` uses it: cross-entropy plus the L2
+    penalty, with dropout on. Dropout is random, but for a *fixed* mask the loss is an ordinary
+    (piecewise smooth) function of the parameters, and that function is what backward
+    differentiates; so the masks are drawn once and reused for every loss evaluation. In float64,
+    because in float32 the rounding error of the loss (1e-7 relative) divided by h would swamp
+    the comparison.
+    """
+    check_backward_against_finite_differences(case)
+
+
+@given(case=small_networks(dropout=False, l2=False))
+def test_backward_matches_finite_differences_plain(case):
+    """The same check for the plain network: softmax cross-entropy through ReLUs, nothing else.
+
+    When the combined check above fails, this one tells whether the core chain rule is wrong
+    or only the dropout or L2 additions to it.
+    """
+    check_backward_against_finite_differences(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_gradients_have_the_keys_shapes_and_dtype_of_params(dtype, data):
+    """backward returns one gradient per parameter, named and shaped like it, in the same dtype.
+
+    The optimizer pairs each parameter with the gradient of the same name and subtracts them
+    elementwise, so a missing key or a transposed (fan_out, fan_in) matrix would break every step,
+    and a float64 gradient for float32 parameters would silently turn them into float64.
+    """
+    case = data.draw(small_networks(dtype=dtype))
+    _, cache = fm.forward(case.params, case.x, case.masks)
+    grads = fm.backward(case.params, cache, case.labels, case.l2)
+    assert list(grads) == list(case.params)
+    for name, p in case.params.items():
+        assert grads[name].shape == p.shape, name
+        assert grads[name].dtype == p.dtype, name
+        assert np.isfinite(grads[name]).all(), name
+
+
+@given(case=small_networks(dropout=True, l2=True))
+def test_l2_adds_exactly_two_lambda_w_to_weight_gradients_only(case):
+    """d/dW (lambda * ||W||^2) = 2 lambda W, and the penalty does not depend on the data.
+
+    So switching L2 on must add 2 lambda W to each weight gradient and change nothing else: the
+    biases are not penalised, and the data term is unaffected. Up to the one rounding of that
+    addition, (g + c) - g == c within eps * (|g| + |c|).
+    """
+    _, cache = fm.forward(case.params, case.x, case.masks)
+    with_l2 = fm.backward(case.params, cache, case.labels, case.l2)
+    without = fm.backward(case.params, cache, case.labels, 0.0)
+    for name, p in case.params.items():
+        if name.startswith("b"):
+            np.testing.assert_array_equal(with_l2[name], without[name], err_msg=name)
+        else:
+            penalty = 2 * case.l2 * p
+            tolerance = 2 * EPS64 * (np.abs(without[name]) + np.abs(penalty))
+            assert (np.abs((with_l2[name] - without[name]) - penalty) <= tolerance).all(), name
+
+
+# ================================================================================================
+# Softmax and log-softmax: stable for any finite logits
+# ================================================================================================
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_softmax_is_invariant_to_adding_a_constant_to_each_row(dtype, data):
+    """softmax(z + c) = softmax(z), since exp(z_i + c) / sum_j exp(z_j + c) cancels exp(c).
+
+    This is what makes the stable implementation legal: subtracting the row maximum is a shift,
+    so it changes nothing mathematically while keeping every exp() argument <= 0. Shifts up to
+    1e3 overflow a naive exp (exp(89) is inf in float32, exp(710) in float64); here they must not.
+
+    Rounding: forming z + c perturbs each exponent by about eps * (|z| + |c|), which moves each
+    probability (all in [0, 1]) by at most about twice that, so an absolute tolerance scaled by
+    the magnitudes involved is the honest one.
+    """
+    z = data.draw(logit_matrices(dtype, 50.0), label="z")
+    c = data.draw(arrays(dtype, (len(z), 1), elements=st.floats(
+        -1e3, 1e3, width=32 if dtype == "float32" else 64)), label="c")
+    shifted = z + c
+    eps = np.finfo(dtype).eps
+    tolerance = 8 * eps * (1 + np.abs(z).max() + np.abs(shifted).max())
+    np.testing.assert_allclose(fm.softmax(shifted), fm.softmax(z), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_softmax_of_extreme_logits_is_a_probability_distribution(dtype, data):
+    """Each row of softmax is a distribution: entries finite, in [0, 1], summing to one.
+
+    With logits up to 1e4 (float32) or 1e300 (float64), exp(z) alone would be inf and inf / inf
+    NaN. After subtracting the row max, the largest term is exp(0) = 1 and the rest are in
+    [0, 1], so the sum is in [1, K]: nothing can overflow and nothing is divided by zero.
+    """
+    z = data.draw(logit_matrices(dtype, EXTREME[dtype]), label="z")
+    p = fm.softmax(z)
+    assert p.shape == z.shape and p.dtype == z.dtype
+    assert np.isfinite(p).all()
+    assert ((0 <= p) & (p <= 1)).all()
+    K = z.shape[1]
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=0, atol=2 * K * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_log_softmax_is_the_log_of_softmax_but_never_minus_infinity(dtype, data):
+    """log_softmax(z) = log(softmax(z)), computed as (z - max) - log(sum exp(z - max)).
+
+    Where softmax underflows to 0 (a logit far below the row max), log(softmax) is -inf, yet the
+    true value, z_i - max - log(sum), is a perfectly ordinary number; log_softmax returns it, and
+    that is why cross-entropy is computed from log_softmax rather than from log(softmax). So:
+    log_softmax is finite and <= 0 everywhere, and agrees with log(softmax) wherever softmax is a
+    normal (not underflowed or subnormal) float, within a few rounding errors of the value.
+    """
+    z = data.draw(logit_matrices(dtype, EXTREME[dtype]), label="z")
+    log_p = fm.log_softmax(z)
+    assert np.isfinite(log_p).all()
+    assert (log_p <= 0).all()
+    p = fm.softmax(z)
+    normal = p >= np.finfo(dtype).tiny
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(log_p[normal], np.log(p[normal]), rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_cross_entropy_of_extreme_logits_is_finite_and_non_negative(dtype, data):
+    """Cross-entropy is -mean(log p(true class)): >= 0 because probabilities are <= 1, and finite.
+
+    Finite, with a bound: -log p_y = log(sum_j exp(z_j - max)) + (max - z_y) <= log K + (max - z_y),
+    a sum of two finite numbers. A clipped implementation (log(max(p, 1e-12))) would instead cap
+    the loss at 27.6 and lose the gradient signal for confidently wrong predictions.
+    """
+    z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
+    loss = fm.cross_entropy(z, labels)
+    assert np.isfinite(loss)
+    assert loss >= 0
+    (B, K), rows = z.shape, np.arange(len(z))
+    gap = (z.max(axis=1).astype(np.float64) - z[rows, labels].astype(np.float64)).mean()
+    bound = gap + np.log(K)
+    assert loss <= bound + 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+
+
+@pytest.mark.parametrize("dtype, z, labels, expected_log_p", [
+    # exp(1000) is inf: the naive formula gives inf / inf = NaN in the first column.
+    ("float64", [[1000.0, 0.0]], [1], [[0.0, -1000.0]]),
+    # exp(-1000) is 0: the naive formula gives 0 / 0 = NaN everywhere.
+    ("float64", [[-1000.0, -1000.0]], [0], [[-np.log(2), -np.log(2)]]),
+    ("float64", [[1e300, -1e300]], [1], [[0.0, -2e300]]),
+    ("float32", [[1e4, -1e4, 0.0]], [2], [[0.0, -2e4, -1e4]]),
+])
+def test_softmax_survives_the_logits_that_break_the_naive_formula(dtype, z, labels, expected_log_p):
+    """Hand-picked rows where exp(z) / sum(exp(z)) over- or underflows, with their exact answers.
+
+    Each answer is exact up to rounding: the terms dropped (such as e^-1000 next to 1) are far
+    below one unit in the last place.
+    """
+    z, labels, expected_log_p = np.array(z, dtype), np.array(labels), np.array(expected_log_p)
+    np.testing.assert_allclose(fm.log_softmax(z), expected_log_p, rtol=1e-6)
+    np.testing.assert_allclose(fm.softmax(z), np.exp(expected_log_p), rtol=1e-6)
+    expected_loss = -expected_log_p[np.arange(len(labels)), labels].mean()
+    np.testing.assert_allclose(fm.cross_entropy(z, labels), expected_loss, rtol=1e-6)
+
+
+# ================================================================================================
+# The cross-entropy gradient (softmax - onehot) / B, and what shift invariance forces on it
+# ================================================================================================
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_softmax_minus_onehot_rows_sum_to_zero(dtype, data):
+    """Each row of softmax(z) - onehot(y) sums to 1 - 1 = 0.
+
+    Seen from calculus: the loss does not change when a constant is added to a row of logits
+    (shift invariance), so its gradient with respect to that row has no component along
+    (1, ..., 1); that is, the row of dL/dZ sums to zero.
+    """
+    z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
+    dz = fm.softmax(z) - onehot(labels, z.shape[1]).astype(dtype)
+    K = z.shape[1]
+    np.testing.assert_allclose(dz.sum(axis=1), 0.0, rtol=0, atol=4 * K * np.finfo(dtype).eps)
+
+
+@given(z_and_labels=logits_and_labels("float64", 20.0))
+def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels):
+    """d cross_entropy / d logits = (softmax(z) - onehot(y)) / B, checked by finite differences.
+
+    This is the starting point of backward, derived once on paper:
+        L = -(1/B) sum_b (z_{b,y_b} - log sum_j exp z_{b,j}),
+    so  dL/dz_{b,k} = (p_{b,k} - [k = y_b]) / B,  with p = softmax(z).
+    Cross-entropy is smooth in the logits (no kinks), so no example needs to be rejected.
+    """
+    z, labels = z_and_labels
+    B, K = z.shape
+    expected = (fm.softmax(z) - onehot(labels, K)) / B
+    numeric = np.empty_like(z)
+    for b, k in np.ndindex(z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[b, k] += H
+        minus[b, k] -= H
+        rise = fm.cross_entropy(plus, labels) - fm.cross_entropy(minus, labels)
+        numeric[b, k] = rise / (plus[b, k] - minus[b, k])
+    atol = ROUNDING_SAFETY * EPS64 * max(1.0, fm.cross_entropy(z, labels)) / H
+    np.testing.assert_allclose(numeric, expected, rtol=FD_RTOL, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_output_layer_gradients_inherit_the_zero_row_sums(dtype, data):
+    """backward's output-layer gradients are built from dZ_L = (softmax - onehot) / B:
+
+    * db_L = sum over the batch of dZ_L, which we recompute here from the logits;
+    * since every row of dZ_L sums to zero, so does db_L over the classes;
+    * and dW_L = A^T dZ_L (plus 2 lambda W_L) inherits it: each row of dW_L - 2 lambda W_L sums
+      to zero, i.e. adding the same amount to all of a unit's outgoing weights changes no loss.
+    Dropout and L2 are on: neither touches dZ_L, so neither may change these facts.
+    """
+    case = data.draw(small_networks(dtype=dtype))
+    params, B = case.params, len(case.labels)
+    L = len(params) // 2
+    logits, cache = fm.forward(params, case.x, case.masks)
+    grads = fm.backward(params, cache, case.labels, case.l2)
+    K = logits.shape[1]
+    dz = (fm.softmax(logits.astype(np.float64)) - onehot(case.labels, K)) / B    # (B, K)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(grads[f"b{L}"], dz.sum(axis=0), rtol=0, atol=4 * K * eps)
+    assert abs(grads[f"b{L}"].astype(np.float64).sum()) <= 4 * K * eps
+    data_part = grads[f"W{L}"].astype(np.float64) - 2 * case.l2 * params[f"W{L}"].astype(np.float64)
+    Z = hidden_preactivations(params, case.x, case.masks)[-1]                    # (B, n_{L-1})
+    A = np.maximum(Z, 0) * (1.0 if case.masks is None else case.masks[-1])      # input of layer L
+    scale = np.abs(A).max() + np.abs(params[f"W{L}"]).max()
+    np.testing.assert_allclose(data_part.sum(axis=1), 0.0, rtol=0, atol=8 * K * eps * (1 + scale))
