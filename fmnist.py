@@ -648,9 +648,10 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (2 lambda W)^2 does.
     Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
 
-    Two roundings do it in two passes: adding c = 2^(mantissa bits + 1) * threshold rounds to a
-    multiple of 2 * threshold, so every |x| < threshold lands on c, and subtracting c leaves 0.
-    Other numbers move by at most the threshold (and not at all above 2^mantissa * c).
+    Two roundings do it in two passes: near c = 2^(mantissa bits + 1) * threshold, floats are
+    2 * threshold apart, so adding c sends every |x| < threshold to c, and subtracting c leaves 0.
+    Other numbers move by at most 2 * threshold or one unit in their last place, and not at all
+    once they are 2^(mantissa bits) times larger than c.
     """
     info = np.finfo(a.dtype)
     c = a.dtype.type(info.tiny ** (1.0 / root) * 2.0 ** (info.nmant + 1))
