@@ -315,6 +315,27 @@ def test_adam_first_step_has_size_lr_whatever_the_gradient_scale(grads, lr, dtyp
         np.testing.assert_allclose(delta, -lr * np.sign(np.asarray(g[k], np.float64)), rtol=rtol)
 
 
+@given(st.integers(0, 2**32 - 1), st.floats(1e-6, 1e-1), st.sampled_from([np.float32, np.float64]))
+def test_adam_l2_equals_adding_the_l2_gradient_to_the_weights(seed, l2, dtype):
+    """adam_step(..., l2) must be Adam on the L2-regularised loss: the same as feeding it the
+    gradient backward(..., l2) computes, 2*l2*W added to the weights only, never the biases."""
+    rng = np.random.default_rng(seed)
+    params = init_params((6, 5, 3), seed, np.dtype(dtype).name)
+    params = Params.from_arrays({k: a + rng.normal(0, 0.1, a.shape) for k, a in params.items()}, dtype)
+    data_grads = Params.from_arrays({k: rng.normal(0, 1e-2, a.shape) for k, a in params.items()}, dtype)
+    state = adam_init(params)
+    for _ in range(3):
+        total = Params.from_arrays({k: g + (2 * l2 * params[k] if k.startswith("W") else 0)
+                                    for k, g in data_grads.items()}, dtype)
+        fused, fused_state = adam_step(params, data_grads, state, l2=l2)
+        plain, plain_state = adam_step(params, total, state)
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        for k in params:
+            np.testing.assert_allclose(fused[k], plain[k], rtol=rtol, atol=rtol * 1e-3)
+            np.testing.assert_allclose(fused_state.v[k], plain_state.v[k], rtol=rtol * 10, atol=0)
+        params, state = fused, fused_state
+
+
 def test_adam_state_step_counts_updates_and_starts_at_zero():
     """The bias corrections use t, so the state must count each update exactly once."""
     params = init_params((3, 2), 0, "float64")
