@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -699,6 +699,9 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
 # Training: epochs of forward -> backward -> Adam, early stopping
 # ================================================================================================
 
+OnStep = Callable[[int, int, float, float], None]   # (step, steps, running loss, running accuracy)
+
+
 class EpochStats(NamedTuple):
     """Running averages over an epoch's batches (with dropout on): loss and accuracy."""
 
@@ -714,12 +717,14 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
 
 
 def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndarray,
-                config: Config = Config(), epoch: int = 1
+                config: Config = Config(), epoch: int = 1, on_step: OnStep | None = None
                 ) -> tuple[Params, AdamState, EpochStats]:
     """One pass over (x, y) in shuffled mini-batches; returns new params, new Adam state, stats.
 
     Every random draw of the epoch (the shuffle, each batch's dropout masks) comes from
     `default_rng([config.seed, epoch])`, so an epoch is a pure function of its arguments.
+    `on_step(step, steps, loss, accuracy)`, if given, hears the running averages after each
+    batch (for a progress bar); it cannot change the result.
     """
     check_inputs(params, x, y)
     params = Params.from_arrays(params)
@@ -728,7 +733,8 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
                          f"make them the same dtype")
     rng = np.random.default_rng([config.seed, epoch])
     hidden = layer_sizes_of(params)[1:-1]
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
+    steps = -(-len(y) // config.batch_size)
     for step, idx in enumerate(batches(len(y), config.batch_size, rng), start=1):
         xb, yb = x[idx], y[idx]                               # (B, 784), (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, params.flat.dtype)
@@ -742,6 +748,9 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
                                 f"try a smaller learning rate (--lr, now {config.lr})")
         loss_sum += batch_loss * len(idx)
         correct += int((logits.argmax(axis=1) == yb).sum())
+        seen += len(idx)
+        if on_step is not None:
+            on_step(step, steps, loss_sum / seen, correct / seen)
     if not np.isfinite(params.flat).all():
         raise DivergedError(f"parameters became non-finite in epoch {epoch}; "
                             f"try a smaller learning rate (--lr, now {config.lr})")
@@ -785,19 +794,20 @@ def initial_state(config: Config) -> TrainState:
     return TrainState(params, adam_init(params), 0, Best(), params)
 
 
-def fit(splits: Splits, config: Config = Config(), state: TrainState | None = None
-        ) -> Iterator[tuple[TrainState, dict]]:
+def fit(splits: Splits, config: Config = Config(), state: TrainState | None = None,
+        on_step: OnStep | None = None) -> Iterator[tuple[TrainState, dict]]:
     """Train epoch by epoch, yielding (state, record) after each; stops early or after config.epochs.
 
     A generator, so the caller decides what to print or save between epochs and can stop at will;
-    `state` lets a run continue from where a saved one left off.
+    `state` lets a run continue from where a saved one left off, with the same result bit for bit
+    (epoch e draws its randomness from [seed, e] alone).
     """
     state = state or initial_state(config)
     while state.epoch < config.epochs and not should_stop(state.best, config.patience):
         started = time.perf_counter()
         epoch = state.epoch + 1
         params, opt_state, stats = train_epoch(state.params, state.opt_state, splits.x_train,
-                                               splits.y_train, config, epoch)
+                                               splits.y_train, config, epoch, on_step)
         val = evaluate(params, splits.x_val, splits.y_val)
         best = early_stopping_update(state.best, epoch, val.correct)
         best_params = params if best.epoch == epoch else state.best_params
@@ -940,41 +950,87 @@ def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
-    """Load (params, config, meta), validating names, shapes, dtypes and finiteness against the config."""
-    path = Path(path)
+def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and the JSON metadata of an .npz we wrote; never unpickles anything."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
+        raise CheckpointError(f"{path}: file not found") from None
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise CheckpointError(f"{path}: refused: the checkpoint holds a pickled object array, "
+            raise CheckpointError(f"{path}: refused: it holds a pickled object array, "
                                   f"which could run code when loaded") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
     except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(str(arrays.pop("meta")[()]))
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        config = Config.from_json(meta["config"])
+        if meta.get("format") != expected_format:
+            raise ValueError(f"format {meta.get('format')!r}, expected {expected_format!r}")
+        meta["config"] = Config.from_json(meta["config"])
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not an fmnist checkpoint (bad or missing metadata: {e})") from None
+        raise CheckpointError(f"{path}: not an fmnist file of this kind (bad or missing "
+                              f"metadata: {e})") from None
+    return arrays, meta
+
+
+def _check_array(path: Path, name: str, a: np.ndarray, shape: tuple, config: Config) -> None:
+    if a.shape != shape:
+        raise CheckpointError(f"{path}: {name} has shape {a.shape}, but the stored config "
+                              f"(hidden {list(config.hidden)}) needs {shape}")
+    if a.dtype != np.dtype(config.dtype):
+        raise CheckpointError(f"{path}: {name} has dtype {a.dtype}, config says {config.dtype}")
+    if not np.isfinite(a).all():
+        raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+
+
+def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
+    """Load (params, config, meta), validating names, shapes, dtypes and finiteness against the config."""
+    path = Path(path)
+    arrays, meta = _read_npz(path, CHECKPOINT_FORMAT)
+    config = meta["config"]
     expected = param_shapes(config.layer_sizes)
     if set(arrays) != set(expected):
         raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(expected)}")
     for name, shape in expected.items():
-        a = arrays[name]
-        if a.shape != shape:
-            raise CheckpointError(f"{path}: {name} has shape {a.shape}, but the stored config "
-                                  f"(hidden {list(config.hidden)}) needs {shape}")
-        if a.dtype != np.dtype(config.dtype):
-            raise CheckpointError(f"{path}: {name} has dtype {a.dtype}, config says {config.dtype}")
-        if not np.isfinite(a).all():
-            raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+        _check_array(path, name, arrays[name], shape, config)
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta
+
+
+STATE_FORMAT = "fmnist-train-state-1"
+STATE_ARRAYS = ("params", "m", "v", "best_params")
+
+
+def save_state(path: Path, state: TrainState, config: Config, history: list[dict]) -> None:
+    """Everything `train --resume` needs, in one file (so it can never be half old, half new):
+    the flat vectors of parameters, Adam's moments and the best parameters, plus JSON metadata."""
+    meta = json.dumps({"format": STATE_FORMAT, "config": config.to_json(),
+                       "step": state.opt_state.step, "epoch": state.epoch,
+                       "best": list(state.best), "history": history})
+    flats = (state.params.flat, state.opt_state.m.flat, state.opt_state.v.flat,
+             state.best_params.flat)
+    arrays = dict(zip(STATE_ARRAYS, flats)) | {"meta": np.array(meta)}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
+    """Read back what save_state wrote, validated against its config."""
+    path = Path(path)
+    arrays, meta = _read_npz(path, STATE_FORMAT)
+    config = meta["config"]
+    shapes = param_shapes(config.layer_sizes)
+    size = sum(math.prod(s) for s in shapes.values())
+    if set(arrays) != set(STATE_ARRAYS):
+        raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(STATE_ARRAYS)}")
+    for name in STATE_ARRAYS:
+        _check_array(path, name, arrays[name], (size,), config)
+    params, m, v, best_params = (Params(arrays[k].copy(), shapes) for k in STATE_ARRAYS)
+    try:
+        best, step, epoch, history = Best(*meta["best"]), meta["step"], meta["epoch"], meta["history"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: incomplete training state ({e})") from None
+    return TrainState(params, AdamState(step, m, v), epoch, best, best_params), config, history
 
 
 def check_params_fit(params: Mapping, expected_sizes: Sequence[int], what: str) -> None:
@@ -1019,37 +1075,89 @@ def format_results(m: Mapping) -> str:
 # ================================================================================================
 
 def run_train(args: argparse.Namespace, config: Config) -> int:
-    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if (out / "metrics.json").exists() and not args.force:
-        raise CheckpointError(f"{out}: already holds a finished run; choose another --out "
-                              f"or pass --force to overwrite it")
+    """`train`: fit, saving the full state every epoch, then evaluate and write the run directory."""
+    out, state, history = _prepare_run_dir(args, config)
+    if state is not None:
+        config = load_state(out / "state.npz")[1]
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_json())
-    print(f"training {'-'.join(map(str, config.layer_sizes))} on {len(splits.y_train):,} images "
-          f"({len(splits.y_val):,} validation), {config.dtype}; run directory {out}", flush=True)
-    history, started = [], time.perf_counter()
+    print(f"{'resuming' if state else 'training'} {'-'.join(map(str, config.layer_sizes))} on "
+          f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
+          f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
+    progress = _progress_bar(quiet=args.quiet)
     try:
-        for state, record in fit(splits, config):
+        for state, record in fit(splits, config, state, progress):
             history.append(record)
-            print(format_epoch(record), flush=True)
             if state.best.epoch == state.epoch:
                 save_checkpoint(out / "best.npz", state.best_params, config, epoch=state.epoch)
+            save_state(out / "state.npz", state, config, history)
             write_json(out / "history.json", history)
+            print(format_epoch(record), flush=True)
+    except KeyboardInterrupt:
+        done = f"after epoch {state.epoch}" if state else "before the first epoch ended"
+        print(f"\ninterrupted; the run is saved {done}. Resume it with:\n"
+              f"  python fmnist.py train --resume {out}", file=sys.stderr)
+        return 130
     except DivergedError as e:
         best = out / "best.npz"
         kept = f"; the best checkpoint so far is intact at {best}" if best.exists() else ""
         raise DivergedError(f"{e}{kept}") from None
-    train_seconds = time.perf_counter() - started
     stopped_early = state.epoch < config.epochs
     metrics = full_evaluation(state.best_params, splits) | {
         "best_epoch": state.best.epoch, "epochs_run": state.epoch, "stopped_early": stopped_early,
-        "train_seconds": train_seconds}
+        "train_seconds": sum(r["seconds"] for r in history)}
     write_json(out / "metrics.json", metrics)
     print(("early stopping after epoch %d\n" % state.epoch if stopped_early else "")
           + format_results(metrics), flush=True)
     print(f"run directory: {out}")
     return 0
+
+
+def _prepare_run_dir(args: argparse.Namespace, config: Config
+                     ) -> tuple[Path, TrainState | None, list[dict]]:
+    """The run directory, and the state and history to continue from (None, [] for a new run).
+    Refuses to overwrite a run by accident."""
+    if args.resume:
+        out = Path(args.resume)
+        if (out / "metrics.json").exists():
+            raise CheckpointError(f"{out}: this run has already finished; nothing to resume")
+        if config != Config():
+            raise ValueError("--resume continues a run with its stored settings; "
+                             "do not pass hyperparameters with it")
+        state, _, history = load_state(out / "state.npz")
+        return out, state, history
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    for name, what in (("metrics.json", "a finished run"), ("state.npz", "an unfinished run")):
+        if (out / name).exists() and not args.force:
+            raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
+                                  f"{'resume it with --resume, ' if name == 'state.npz' else ''}"
+                                  f"or pass --force to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)       # --force: the old result is void now
+    write_json(out / "config.json", config.to_json())
+    return out, None, []
+
+
+def _progress_bar(quiet: bool) -> OnStep | None:
+    """A tqdm bar over each epoch's batches with the running loss and accuracy, shown only on a
+    terminal (a pipe or CI log gets clean line-per-epoch text), and never with --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = None
+
+    def on_step(step: int, steps: int, loss: float, accuracy: float) -> None:
+        nonlocal bar
+        if step == 1:
+            bar = tqdm(total=steps, unit="batch", leave=False, dynamic_ncols=True)
+        bar.update(1)
+        if step % 10 == 0 or step == steps:
+            bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.2%}", refresh=False)
+        if step == steps:
+            bar.close()
+    return on_step
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -1112,7 +1220,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=None,
                        help="run directory (default: runs/<timestamp>)")
     train.add_argument("--force", action="store_true",
-                       help="overwrite a finished run already in --out")
+                       help="overwrite a run already in --out")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run from its last saved epoch, "
+                            "with its stored settings (the result is bit-identical)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate_cmd = commands.add_parser("evaluate", help="evaluate a saved checkpoint",
                                        description="Print the full evaluation of a checkpoint.")
     evaluate_cmd.add_argument("checkpoint", type=Path, help="a best.npz written by train")

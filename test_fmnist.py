@@ -946,7 +946,9 @@ def test_cli_train_writes_a_complete_run(trained_run, raw):
     """A finished run directory holds the best checkpoint, its config, the history and the metrics."""
     out, proc = trained_run
     assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in out.iterdir()} == {"best.npz", "config.json", "history.json", "metrics.json"}
+    names = {p.name for p in out.iterdir()}
+    assert {"best.npz", "state.npz", "config.json", "history.json", "metrics.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]         # no temporary file left behind
     config = Config(limit=2000, epochs=1)
     assert json.loads((out / "config.json").read_text()) == config.to_json()
     history = json.loads((out / "history.json").read_text())
