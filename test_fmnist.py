@@ -1011,3 +1011,59 @@ def test_cli_help_works_for_each_command(command):
     expected = {"": ["train", "evaluate"], "train": ["--lr", "--dropout", "--hidden", "--limit", "--force"],
                 "evaluate": ["checkpoint", "--data-dir"]}["".join(command)]
     assert all(e in proc.stdout for e in expected), proc.stdout
+
+
+# ================================================================================================
+# Resuming: a run saved after any epoch continues to the same result, bit for bit
+# ================================================================================================
+
+def test_fit_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
+    """Epoch e draws its randomness from [seed, e] alone and the saved state is exact, so
+    stopping after 2 epochs, saving, loading and continuing equals training straight through."""
+    config = Config(hidden=(32, 16), epochs=4, limit=600)
+    splits = _tiny_splits(raw, 600, 300)
+    straight = [s for s, _ in fit(splits, config)][-1]
+    history = []
+    for state, record in fit(splits, dataclasses.replace(config, epochs=2)):
+        history.append(record)
+    fmnist.save_state(tmp_path / "state.npz", state, config, history)
+    loaded, loaded_config, loaded_history = fmnist.load_state(tmp_path / "state.npz")
+    assert loaded_config == config and loaded_history == history and loaded.epoch == 2
+    resumed = [s for s, _ in fit(splits, config, loaded)][-1]
+    for a, b in ((straight.params, resumed.params), (straight.best_params, resumed.best_params),
+                 (straight.opt_state.m, resumed.opt_state.m), (straight.opt_state.v, resumed.opt_state.v)):
+        assert bits(a) == bits(b)
+    assert straight.best == resumed.best and straight.opt_state.step == resumed.opt_state.step
+
+
+def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Ctrl-C (SIGINT) mid-run exits cleanly after saving, prints the command that resumes, and
+    `train --resume` then finishes with exactly the parameters of a run never interrupted."""
+    import signal
+    import time
+    args = ["--limit", 2000, "--hidden", "64", "--epochs", 12, "--quiet"]
+    assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "history.json").read_text())) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert proc.returncode == 130, stderr
+    assert f"--resume {out}" in stderr and "Traceback" not in stderr
+    assert not (out / "metrics.json").exists()
+    resumed = run_cli("train", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = np.load(tmp_path / "straight" / "state.npz"), np.load(out / "state.npz")
+    for key in ("params", "m", "v", "best_params"):
+        assert a[key].tobytes() == b[key].tobytes()
+    assert run_cli("train", "--resume", out).returncode != 0       # finished: nothing to resume
