@@ -1385,8 +1385,9 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                 continue
             ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
             guess = int(probs[index].argmax())
+            percent = math.floor(probs[index, guess] * 1000) / 10     # 0.9996 is 99.9%, not 100%
             ax.set_title(f"true: {CLASS_NAMES[labels[index]]}\npred: {CLASS_NAMES[guess]} "
-                         f"{probs[index, guess]:.0%}", fontsize=8.5)
+                         f"{percent:.1f}%", fontsize=8.5)
             ax.set_xlabel(f"#{index}", fontsize=8)
         axes[r, 0].set_ylabel(f"{CLASS_NAMES[a]}\n\u2194\n{CLASS_NAMES[b]}", fontsize=10,
                               fontweight="bold")
@@ -1736,7 +1737,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     print(f"{'resuming' if state else 'training'} {'-'.join(map(str, config.layer_sizes))} on "
           f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
           f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
-    progress = _progress_bar(quiet=args.quiet)
+    progress = _progress_bar(args.quiet, first_epoch=state.epoch + 1 if state else 1)
     try:
         for state, record in fit(splits, config, state, progress):
             history.append(record)
@@ -1802,7 +1803,7 @@ def _start_run_dir(out: Path, config: Config) -> None:
     write_json(out / "config.json", config.to_json())
 
 
-def _progress_bar(quiet: bool) -> OnStep | None:
+def _progress_bar(quiet: bool, first_epoch: int = 1) -> OnStep | None:
     """A tqdm bar over each epoch's batches with the running loss and accuracy, shown only on a
     terminal (a pipe or CI log gets clean line-per-epoch text), and never with --quiet."""
     if quiet or not sys.stderr.isatty():
@@ -1811,12 +1812,14 @@ def _progress_bar(quiet: bool) -> OnStep | None:
         from tqdm import tqdm
     except ImportError:
         return None
-    bar = None
+    bar, epoch = None, first_epoch - 1
 
     def on_step(step: int, steps: int, loss: float, accuracy: float) -> None:
-        nonlocal bar
+        nonlocal bar, epoch
         if step == 1:
-            bar = tqdm(total=steps, unit="batch", leave=False, dynamic_ncols=True)
+            epoch += 1
+            bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
+                       dynamic_ncols=True)
         bar.update(1)
         if step % 10 == 0 or step == steps:
             bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.2%}", refresh=False)

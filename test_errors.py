@@ -896,10 +896,6 @@ def test_cli_predict_refuses_what_is_not_a_usable_image(tmp_path, case):
     assert time.monotonic() - started < 20
 
 
-@pytest.mark.xfail(strict=True, reason="Pillow is only the optional extra fmnist[predict], but "
-                   "read_image does `from PIL import Image` unguarded: without Pillow, `predict` ends "
-                   "in a ModuleNotFoundError traceback; it should say, in one line, to "
-                   "`pip install 'fmnist[predict]'` (or Pillow)")
 def test_cli_predict_without_pillow_says_what_to_install(tmp_path):
     """Pillow is an optional extra, so its absence is a situation to explain, not a crash."""
     image = tmp_path / "cat.png"
