@@ -1067,3 +1067,29 @@ def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     for key in ("params", "m", "v", "best_params"):
         assert a[key].tobytes() == b[key].tobytes()
     assert run_cli("train", "--resume", out).returncode != 0       # finished: nothing to resume
+
+
+def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
+    """train_epoch updates its own buffers in place for speed; that must be invisible: the same
+    epoch written as a loop of the pure public functions gives bit-identical parameters, moments
+    and statistics."""
+    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230)
+    splits = _tiny_splits(raw, 230, 10)
+    x, y = splits.x_train, splits.y_train
+    params = init_params(config.layer_sizes, 3)
+    state = adam_init(params)
+    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
+    rng = np.random.default_rng([config.seed, 2])
+    losses, correct = [], 0
+    for idx in fmnist.batches(len(y), config.batch_size, rng):
+        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
+        logits, cache = forward(params, x[idx], masks)
+        grads = backward(params, cache, y[idx])
+        params, state = adam_step(params, grads, state, config.lr, config.beta1, config.beta2,
+                                  config.eps, config.l2)
+        losses.append(cross_entropy(logits, y[idx]) * len(idx))
+        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    assert bits(fast_params) == bits(params)
+    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
+    assert fast_state.step == state.step == 5
+    assert stats == (sum(losses) / len(y), correct / len(y))
