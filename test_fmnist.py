@@ -1,10 +1,11 @@
 """Properties of fmnist.py, one claim per test; each docstring says why the claim must hold.
 
 Gradient checks and softmax stability live in test_gradients.py; this file covers everything else:
-initialisation, purity, Adam, dropout, training, early stopping, metrics, the split, the real data,
-the loader, checkpoints, determinism and the command line. Hypothesis is used where a property
-ranges over inputs; a worked example is used where it is clearer. The real data is loaded once per
-module; networks and subsets are kept small so that the file runs in well under a minute.
+initialisation, purity, Adam, dropout, training, early stopping, resuming, metrics, the split, the
+real data, the loader, checkpoints, determinism, the command line, bad input (every error is one
+clear line and nothing is lost) and the user's tour (pictures, report, predict, gradcheck,
+download). Hypothesis is used where a property ranges over inputs; a worked example is used where
+it is clearer. The real data is loaded once per module; networks and subsets are kept small.
 """
 
 import dataclasses
@@ -1047,8 +1048,6 @@ def test_fit_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
 def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     """Ctrl-C (SIGINT) mid-run exits cleanly after saving, prints the command that resumes, and
     `train --resume` then finishes with exactly the parameters of a run never interrupted."""
-    import signal
-    import time
     args = ["--limit", 2000, "--hidden", "64", "--epochs", 12, "--quiet"]
     assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
     out = tmp_path / "interrupted"
@@ -2377,6 +2376,17 @@ def test_torchvision_and_the_loader_read_the_same_arrays(tmp_path, raw):
         theirs = datasets.FashionMNIST(root=str(tmp_path), train=train, download=False)
         np.testing.assert_array_equal(theirs.data.numpy(), images)
         np.testing.assert_array_equal(theirs.targets.numpy(), labels)
+
+
+def test_real_torchvision_download_from_a_local_mirror(monkeypatch, serve, tmp_path, raw):
+    """Where torchvision is installed: `download` really calls FashionMNIST(download=True), here
+    pointed at the shipped files served on 127.0.0.1 (no internet), and the result loads."""
+    datasets = pytest.importorskip("torchvision.datasets")
+    url, requests = serve(DATA)
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [url])
+    fmnist.download_fashion_mnist(tmp_path / "tv", use_torchvision=True, log=lambda _: None)
+    assert sorted(requests) == sorted(f"/{name}.gz" for name in DATA_FILES)
+    assert_same_data(load_fashion_mnist(tmp_path / "tv"), raw)
 
 
 # ================================================================================================
