@@ -19,10 +19,13 @@ Conventions, stated once:
   shape (fan_in, fan_out). (The report writes the column form `Z = W A + b`; it is the same
   network, transposed.)
 * `dZ` means dL/dZ, the gradient of the scalar loss with respect to `Z`, with the shape of `Z`.
-* Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array`. Every function
-  returns new values and never writes into its inputs; the read-only flags make that checkable.
-  Internally the arrays are views into one flat vector, so the optimizer is a few vector
-  operations rather than a loop over layers.
+* Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array`. Every stage
+  (init_params, forward, backward, adam_step, train_epoch, evaluate, ...) returns new values and
+  never writes into its inputs; the read-only flags make that checkable. The only functions that
+  write into arrays they are given are the two kernels that say so (`adam_update`,
+  `flush_to_zero`), and they are only ever handed arrays their caller has just allocated.
+  Internally the arrays are views into one flat vector (weights first, then biases), so the
+  optimizer works on one vector rather than looping over layers.
 * Randomness comes in through explicit seeds (`np.random.default_rng([seed, epoch])`), so a run is
   bit-for-bit reproducible and any epoch can be replayed from its inputs alone.
 
@@ -110,7 +113,7 @@ def check_config(c: Config) -> None:
          f"hidden sizes must be one or more positive integers, got {list(c.hidden)}"),
         (0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}"),
         (0.0 <= c.l2 < math.inf, f"l2 must be >= 0 and finite, got {c.l2}"),
-        (c.lr > 0.0 and math.isfinite(c.lr), f"learning rate must be > 0, got {c.lr}"),
+        (0.0 < c.lr < math.inf, f"learning rate must be > 0 and finite, got {c.lr}"),
         (0.0 <= c.beta1 < 1.0, f"beta1 must be in [0, 1), got {c.beta1}"),
         (0.0 <= c.beta2 < 1.0, f"beta2 must be in [0, 1), got {c.beta2}"),
         (c.eps > 0.0, f"eps must be > 0, got {c.eps}"),
@@ -418,7 +421,11 @@ def _download_with_torchvision(data_dir: Path, targets: Mapping[str, Path], log:
     from torchvision.datasets import FashionMNIST    # the report's source (torchvision extra)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         for train in (True, False):
-            FashionMNIST(root=tmp, train=train, download=True)
+            try:
+                FashionMNIST(root=tmp, train=train, download=True)
+            except (RuntimeError, OSError) as e:    # torchvision says which mirrors failed
+                raise DataError(f"torchvision could not download Fashion-MNIST: "
+                                f"{str(e).splitlines()[0]}") from None
         raw = Path(tmp) / "FashionMNIST" / "raw"
         for name, target in targets.items():
             source = raw / (f"{name}.gz" if target.suffix == ".gz" else name)
@@ -462,8 +469,9 @@ def split_flat(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[
 class Params(Mapping):
     """An immutable `name -> read-only array` mapping whose arrays are views into `self.flat`.
 
-    One flat vector lets Adam update all 570k numbers with a handful of NumPy calls, and lets a
-    gradient be written layer by layer straight into its final place. Construction makes `flat`
+    One flat vector lets Adam update all 570k numbers slice by slice, a dozen NumPy calls a slice
+    rather than a loop over layers, and lets a gradient be written layer by layer straight into
+    its final place. Construction makes `flat`
     read-only (it must be freshly allocated by the caller, who gives it up).
     """
 
@@ -475,7 +483,7 @@ class Params(Mapping):
 
     @property
     def flat(self) -> np.ndarray:
-        """All parameters as one read-only 1-D vector, in the mapping's order."""
+        """All parameters as one read-only 1-D vector: the weights first, then the biases."""
         return self._flat
 
     @classmethod
@@ -717,6 +725,14 @@ class AdamState(NamedTuple):
     v: Params
 
 
+def check_adam_state(state: AdamState, params: Params) -> None:
+    """Raise ValueError unless the moments have the parameters' names, shapes and dtype."""
+    for name, moment in (("m", state.m), ("v", state.v)):
+        if moment.shapes != params.shapes or moment.flat.dtype != params.flat.dtype:
+            raise ValueError(f"Adam state {name} ({moment.flat.dtype}, {moment.shapes}) does not "
+                             f"match the parameters ({params.flat.dtype}, {params.shapes})")
+
+
 def adam_init(params: Mapping) -> AdamState:
     params = Params.from_arrays(params)
     zeros = np.zeros_like(params.flat)
@@ -743,7 +759,7 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     because here the addition costs one pass over numbers already in cache.
     """
     if not 0.0 < lr < math.inf:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+        raise ValueError(f"learning rate must be > 0 and finite, got {lr}")
     if not 0.0 <= l2 < math.inf:
         raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
     params, grads = Params.from_arrays(params), Params.from_arrays(grads)
@@ -751,6 +767,7 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
         raise ValueError(f"gradients {grads.shapes} do not match parameters {params.shapes}")
     if grads.flat.dtype != params.flat.dtype:
         raise ValueError(f"gradients are {grads.flat.dtype} but parameters are {params.flat.dtype}")
+    check_adam_state(state, params)
     p_new, m_new, v_new = (np.empty_like(params.flat) for _ in range(3))
     adam_update(params.flat, grads.flat, state.m.flat, state.v.flat, p_new, m_new, v_new,
                 params.num_weights, state.step + 1, lr, beta1, beta2, eps, l2)
@@ -879,7 +896,8 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     if x.dtype != params.flat.dtype:
         raise ValueError(f"inputs are {x.dtype} but parameters are {params.flat.dtype}; "
                          f"make them the same dtype")
-    shapes, hidden = params.shapes, layer_sizes_of(params)[1:-1]
+    check_adam_state(opt_state, params)
+    shapes, hidden, n_w = params.shapes, layer_sizes_of(params)[1:-1], params.num_weights
     p, m, v = params.flat.copy(), opt_state.m.flat.copy(), opt_state.v.flat.copy()  # ours
     t = opt_state.step
     rng = np.random.default_rng([config.seed, epoch])
@@ -892,7 +910,7 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
         logits, cache = forward(current, xb, masks)
         grads = backward(current, cache, yb)                  # data gradient; L2's is added by Adam
         t += 1
-        adam_update(p, grads.flat, m, v, p, m, v, params.num_weights, t, config.lr,
+        adam_update(p, grads.flat, m, v, p, m, v, n_w, t, config.lr,
                     config.beta1, config.beta2, config.eps, config.l2)
         batch_loss = cross_entropy(logits, yb)
         if not batch_loss < EXPLODED_LOSS:                    # also catches NaN
@@ -1076,23 +1094,17 @@ def atomic_write(path: Path, write: Any) -> None:
     """Write a file so that it is either the old one or the complete new one, never half of each:
     write a temporary file in the same folder, flush and fsync it, then os.replace it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -1111,8 +1123,10 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
     """The arrays and the JSON metadata of an .npz we wrote; never unpickles anything."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":   # np.load would take anything else for a pickle
-                raise CheckpointError(f"{path}: not an .npz file (no zip signature)")
+            signature = f.read(4)
+        if signature != b"PK\x03\x04":          # np.load would take anything else for a pickle
+            what = "empty file" if not signature else "no zip signature"
+            raise CheckpointError(f"{path}: not a readable .npz file ({what})")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
@@ -1124,6 +1138,8 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
             raise CheckpointError(f"{path}: refused: it holds a pickled object array, "
                                   f"which could run code when loaded") from None
         raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     try:
@@ -1460,7 +1476,8 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "- **Image size:** 28 x 28 grayscale", f"- **Flattened dimension:** {NUM_INPUTS}", "",
         "### 2.2 Train / Validation / Test Split", "",
         f"- Training set: {train_size:,} samples"
-        + (f" (the first {config.limit:,} of the 50,000, `--limit`)" if config.limit else ""),
+        + (f" (the first {config.limit:,} of the {TRAIN_IMAGES - config.val_size:,}, `--limit`)"
+           if config.limit else ""),
         f"- Validation set: {config.val_size:,} samples", "- Test set: 10,000 samples", "",
         f"Split seed: {config.split_seed} (a permutation of the 60,000 official training images; "
         f"the test images are only used for the final evaluation).", "",
@@ -1771,9 +1788,13 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
-        done = f"after epoch {state.epoch}" if state else "before the first epoch ended"
-        print(f"\ninterrupted; the run is saved {done}. Resume it with:\n"
-              f"  python fmnist.py train --resume {out}", file=sys.stderr)
+        saved = load_state(out / "state.npz")[0].epoch if (out / "state.npz").exists() else 0
+        if saved:
+            print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
+                  f"  python fmnist.py train --resume {out}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch was saved; nothing to resume "
+                  "(run the same command again, with --force)", file=sys.stderr)
         return 130
     except DivergedError as e:
         best = out / "best.npz"
@@ -1816,6 +1837,10 @@ def _check_run_dir(args: argparse.Namespace, config: Config
             raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
                                   f"{'resume it with --resume, ' if name == 'state.npz' else ''}"
                                   f"or pass --force to overwrite it")
+    present = [name for name in RUN_FILES if (out / name).exists() and name != "config.json"]
+    if present and not args.force:
+        raise CheckpointError(f"{out}: already holds {', '.join(present)}; choose another --out "
+                              f"or pass --force to overwrite them")
     return out, None, [], config
 
 
@@ -2077,15 +2102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gradcheck(args)
         if args.command == "download":
             return run_download(args)
+    except BrokenPipeError:                  # `fmnist ... | head`: the reader left; so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (FmnistError, ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:                  # `fmnist ... | head`: the reader left; so do we
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     return 0
 
 

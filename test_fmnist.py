@@ -2408,3 +2408,28 @@ def test_help_lists_each_new_commands_flags(command, flags):
     proc = run_cli(command, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fmnist"), proc.stderr
     assert all(f in proc.stdout for f in flags), proc.stdout
+
+
+def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
+    """Any file a run would write (here a lone best.npz) makes `train --out` refuse without
+    --force, and the file stays as it was: nothing already there is overwritten by accident."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.npz").write_bytes(b"precious")
+    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--out", out)
+    assert proc.returncode != 0 and "best.npz" in proc.stderr and "--force" in proc.stderr
+    assert (out / "best.npz").read_bytes() == b"precious"
+
+
+def test_adam_refuses_a_state_that_does_not_match_the_parameters():
+    """Moments of another network (or dtype) must be refused by name, not broadcast or cast."""
+    params = init_params((6, 5, 3), 0)
+    other = adam_init(init_params((6, 4, 3), 0))
+    grads = Params.from_arrays({k: np.zeros_like(a) for k, a in params.items()})
+    with pytest.raises(ValueError, match="Adam state m"):
+        adam_step(params, grads, other)
+    with pytest.raises(ValueError, match="Adam state m"):
+        adam_step(params, grads, adam_init(init_params((6, 5, 3), 0, "float64")))
+    x, y = np.zeros((4, 6), np.float32), np.zeros(4, np.intp)
+    with pytest.raises(ValueError, match="Adam state m"):
+        train_epoch(params, other, x, y, Config(hidden=(5,)))
