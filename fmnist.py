@@ -532,6 +532,11 @@ def layer_sizes_of(params: Mapping) -> tuple[int, ...]:
     return (params["W1"].shape[0], *(params[f"W{l}"].shape[1] for l in range(1, L + 1)))
 
 
+def num_parameters(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """How many numbers arrays of these shapes hold (567,434 for the report's network)."""
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def param_shapes(layer_sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for l, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:]), start=1):
@@ -556,11 +561,11 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     rng = np.random.default_rng(seed)
     shapes = param_shapes(layer_sizes)
-    flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype=dtype)
-    L = len(layer_sizes) - 1
+    flat = np.zeros(num_parameters(shapes), dtype=dtype)
+    views, L = split_flat(flat, shapes), len(layer_sizes) - 1     # writable views into flat
     for l, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:]), start=1):
         std = math.sqrt(2.0 / fan_in) if l < L else math.sqrt(2.0 / (fan_in + fan_out))
-        split_flat(flat, shapes)[f"W{l}"][...] = rng.normal(0.0, std, size=(fan_in, fan_out))
+        views[f"W{l}"][...] = rng.normal(0.0, std, size=(fan_in, fan_out))
     return Params(flat, shapes)
 
 
@@ -695,7 +700,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0)
     B = cache.logits.shape[0]
     check_labels(labels, B, cache.logits.shape[1])
     shapes = {k: np.shape(a) for k, a in params.items()}
-    flat = np.empty(sum(math.prod(s) for s in shapes.values()), dtype=cache.logits.dtype)
+    flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
     dZ = softmax(cache.logits)                                # (B, 10)
     dZ[np.arange(B), labels] -= 1.0
@@ -1066,11 +1071,12 @@ def top_confusions(confusion: np.ndarray, n: int = 6) -> list[tuple[int, int, in
 def full_evaluation(params: Mapping, splits: Splits) -> dict:
     """The final figures of a run: train (no dropout), validation and test; per-class test metrics."""
     result = {}
-    for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
-                       ("test", splits.x_test, splits.y_test)):
+    for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val)):
         ev = evaluate(params, x, y)
         result[f"{name}_loss"], result[f"{name}_accuracy"] = ev.loss, ev.accuracy
-    confusion = confusion_matrix(splits.y_test, ev.predictions)
+    test = evaluate(params, splits.x_test, splits.y_test)
+    result["test_loss"], result["test_accuracy"] = test.loss, test.accuracy
+    confusion = confusion_matrix(splits.y_test, test.predictions)
     metrics = per_class_metrics(confusion)
     result["per_class"] = [
         {"class": CLASS_NAMES[i], "precision": float(metrics.precision[i]),
@@ -1203,7 +1209,7 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     arrays, meta = _read_npz(path, STATE_FORMAT)
     config = meta["config"]
     shapes = param_shapes(config.layer_sizes)
-    size = sum(math.prod(s) for s in shapes.values())
+    size = num_parameters(shapes)
     if set(arrays) != set(STATE_ARRAYS):
         raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(STATE_ARRAYS)}")
     for name in STATE_ARRAYS:
@@ -1489,7 +1495,7 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "### 3.1 Network Structure", "", f"{_arrow(config.layer_sizes)}", "",
         "- Hidden activations: ReLU", "- Output: softmax (stable: log-sum-exp)",
         f"- Dropout rate: {config.dropout} (hidden layers, training only)",
-        f"- Parameters: {_num_parameters(config.layer_sizes):,} ({config.dtype})", "",
+        f"- Parameters: {num_parameters(param_shapes(config.layer_sizes)):,} ({config.dtype})", "",
         "### 3.2 Initialization", "", "- He initialization for hidden layers",
         "- Xavier initialization for the output layer", f"- Seed: {config.seed}", "",
         "## 4 Training Procedure", "",
@@ -1544,10 +1550,6 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
 
 def _arrow(sizes: Sequence[int]) -> str:
     return " -> ".join(map(str, sizes))
-
-
-def _num_parameters(sizes: Sequence[int]) -> int:
-    return sum(math.prod(s) for s in param_shapes(sizes).values())
 
 
 def _duration(seconds: float | None) -> str:
