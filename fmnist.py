@@ -6,9 +6,9 @@ accuracy, with per-class precision/recall/F1 and the confusions between classes.
 
 It is meant to be read top to bottom, in the order data flows through it:
 
-    data (and its download) -> parameters -> model (forward) -> loss -> backward -> optimizer
-         -> training -> evaluation -> checkpoints -> reporting -> pictures and report.md
-         -> predict -> gradient check -> command line
+    data (and its download) -> parameters -> model (forward) -> loss -> backward (and its
+         gradient check) -> optimizer -> training -> evaluation -> checkpoints -> reporting
+         -> pictures and report.md -> predict -> command line
 
 The optional parts import their libraries inside the functions that use them (matplotlib for
 the pictures, Pillow for predict, torchvision for download), so the module itself needs NumPy only.
@@ -146,6 +146,35 @@ class DivergedError(FmnistError):
     """Training produced a non-finite loss or parameter."""
 
 
+class ImageError(FmnistError):
+    """An image file that cannot be used: missing, empty, not an image, or too large."""
+
+
+# ================================================================================================
+# Files: atomic writes (the download, checkpoints, run files and pictures all use them)
+# ================================================================================================
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write a file so that it is either the old one or the complete new one, never half of each:
+    write a temporary file in the same folder, flush and fsync it, then os.replace it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
 # ================================================================================================
 # Data: IDX files -> arrays -> split -> normalised float matrices
 # ================================================================================================
@@ -196,14 +225,11 @@ def parse_idx(stream: io.BufferedIOBase, name: str = "<bytes>") -> np.ndarray:
     return array
 
 
-class _HashingReader(io.RawIOBase):
+class _HashingReader:
     """A stream that hashes everything read through it (so checking costs no second pass)."""
 
     def __init__(self, inner):
         self.inner, self.sha256 = inner, hashlib.sha256()
-
-    def readable(self):
-        return True
 
     def read(self, n=-1):
         data = self.inner.read(n)
@@ -269,6 +295,19 @@ def load_fashion_mnist(data_dir: str | Path = "data", verify: bool = True) -> Ra
     return raw
 
 
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_test_set(data_dir: str | Path = "data") -> tuple[np.ndarray, np.ndarray]:
+    """The official test images (10000, 28, 28) uint8 and labels (10000,), checksummed; the two
+    small files only, so a picture or a prediction does not wait for the 47 MB training file."""
+    images, labels = (read_idx(find_data_file(Path(data_dir), name), DATA_FILES[name][0])
+                      for name in TEST_FILES)
+    if len(images) != len(labels):
+        raise DataError(f"{data_dir}: {len(images):,} test images but {len(labels):,} labels")
+    return images, labels
+
+
 def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation indices: a permutation of range(n) from `seed`, the last `val_size` held out."""
     if not 0 < val_size < n:
@@ -296,6 +335,11 @@ class Splits(NamedTuple):
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def make_splits(raw: RawData, config: Config = Config()) -> Splits:
@@ -439,11 +483,6 @@ def _download_with_torchvision(data_dir: Path, targets: Mapping[str, Path], log:
 # Parameters: an immutable mapping of read-only arrays, all views into one flat vector
 # ================================================================================================
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
-
-
 def flat_order(names: Sequence[str]) -> list[str]:
     """The order of the arrays inside the flat vector: weight matrices first (W1, W2, ...), then
     the rest (biases), so that the L2 term applies to one contiguous prefix."""
@@ -530,6 +569,14 @@ def layer_sizes_of(params: Mapping) -> tuple[int, ...]:
     """(784, 512, 256, 128, 10) for the report's network."""
     L = num_layers(params)
     return (params["W1"].shape[0], *(params[f"W{l}"].shape[1] for l in range(1, L + 1)))
+
+
+def _arrow(sizes: Sequence[int]) -> str:
+    return " -> ".join(map(str, sizes))
+
+
+def _dashed(sizes: Sequence[int]) -> str:
+    return "-".join(map(str, sizes))
 
 
 def num_parameters(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -681,6 +728,34 @@ def total_loss(params: Mapping, x: np.ndarray, labels: np.ndarray, l2: float = 0
 # Backward pass: the chain rule, layer by layer, from the loss to the first weights
 # ================================================================================================
 
+def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
+    """Set numbers below tiny**(1/root) to zero, in place on a fresh array (tiny: the smallest
+    normal float, 1.2e-38 in float32). Returns `a`.
+
+    Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
+    weights to zero geometrically (about x0.95 per step once |2 lambda W| < eps), down through
+    the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
+    matrix products too: left alone, the report's recipe slows from 2 s to 25 s an epoch by
+    epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags PyTorch sets with
+    `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they get there:
+    moments and dL/dZ below sqrt(tiny) (1e-19 in float32), so that their products stay normal,
+    and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (2 lambda W)^2 does.
+    Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
+    Adam flushes every FLUSH_EVERY = 16 steps, which is often enough: from these thresholds,
+    decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
+
+    Two roundings do it in two passes: near c = 2^(mantissa bits + 1) * threshold, floats are
+    2 * threshold apart, so adding c sends every |x| < threshold to c, and subtracting c leaves 0.
+    Other numbers move by at most 2 * threshold or one unit in their last place, and not at all
+    once they are 2^(mantissa bits) times larger than c.
+    """
+    info = np.finfo(a.dtype)
+    c = a.dtype.type(info.tiny ** (1.0 / root) * 2.0 ** (info.nmant + 1))
+    a += c
+    a -= c
+    return a
+
+
 def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0) -> Params:
     """Gradients of `total_loss` with respect to every parameter, same keys and shapes as params.
 
@@ -716,6 +791,100 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0)
             dA = dZ @ W.T                                     # (B, fan_in)
             dZ = np.multiply(dA, cache.gates[l - 2], out=dA)  # (B, fan_in)
     return Params(flat, shapes)
+
+
+# ================================================================================================
+# Gradient check: backward against central finite differences, on a small float64 network
+# ================================================================================================
+
+GRADCHECK_H = 1e-5        # float64: rounding ~eps*|L|/h ~ 1e-10, truncation ~h^2 ~ 1e-10, balanced
+GRADCHECK_FLOOR = 1e-3    # below this, entries are compared absolutely (see relative_error)
+GRADCHECK_TOL = 1e-6      # measured errors are 1e-9 to 1e-7; a wrong formula gives 1e-3 to 1
+
+
+class GradcheckCase(NamedTuple):
+    """A fixed problem for the check: network, batch (B, 784), labels (B,), dropout masks
+    drawn once at `dropout`, and the L2 strength."""
+
+    params: Params
+    x: np.ndarray
+    labels: np.ndarray
+    masks: tuple[np.ndarray, ...] | None
+    dropout: float
+    l2: float
+
+
+def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0,
+                   dropout: float = 0.3, l2: float = 1e-3) -> GradcheckCase:
+    """A random float64 network, batch, labels and one fixed dropout mask, every kept hidden
+    pre-activation at least 1000 h away from ReLU's kink at 0.
+
+    Why the kink matters: if a nudge of h carries Z across 0, the finite difference averages two
+    slopes and disagrees with backward although backward is right. Biases are drawn away from 0
+    (init's zeros would put units with all-zero input exactly on the kink), and draws whose Z
+    come too close are redrawn from the same generator, so the case is a function of the seed.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = (NUM_INPUTS, *hidden, NUM_CLASSES)
+    for _ in range(100):
+        arrays = {k: np.array(a) for k, a in init_params(sizes, rng.integers(2**32), "float64").items()}
+        for name, a in arrays.items():
+            if not is_weight(name):                                   # +-[1/16, 1], never 0
+                arrays[name] = rng.uniform(1 / 16, 1, a.shape) * rng.choice([-1.0, 1.0], a.shape)
+        params = Params.from_arrays(arrays)
+        x = rng.uniform(-3, 3, (batch, NUM_INPUTS))                   # (B, 784)
+        labels = rng.integers(0, NUM_CLASSES, batch)                  # (B,)
+        masks = dropout_masks(rng, batch, hidden, dropout, "float64")
+        if _distance_to_kink(params, x, masks) > 1000 * GRADCHECK_H:
+            return GradcheckCase(params, x, labels, masks, dropout, l2)
+    raise ValueError("could not draw a network away from ReLU's kinks; try another --seed")
+
+
+def _distance_to_kink(params: Mapping, x: np.ndarray, masks) -> float:
+    """The smallest |Z| over the hidden units that dropout keeps (dropped ones have slope 0 anyway)."""
+    _, cache = forward(params, x, masks)
+    distance = np.inf
+    for l in range(1, num_layers(params)):
+        Z = cache.inputs[l - 1] @ params[f"W{l}"] + params[f"b{l}"]   # (B, n_l)
+        kept = np.ones(Z.shape, bool) if masks is None else masks[l - 1] != 0
+        distance = min(distance, float(np.abs(Z[kept]).min(initial=np.inf)))
+    return distance
+
+
+def numerical_gradient(loss: Any, params: Params, h: float = GRADCHECK_H) -> Params:
+    """Central differences (L(p + h e_i) - L(p - h e_i)) / 2h for every coordinate i: the
+    definition of the derivative, one parameter at a time (slow, and that is the point)."""
+    flat = params.flat
+    grad = np.empty_like(flat)                                        # (P,)
+    for i in range(flat.size):
+        plus, minus = flat.copy(), flat.copy()
+        plus[i] += h
+        minus[i] -= h
+        rise = loss(params.like(plus)) - loss(params.like(minus))
+        grad[i] = rise / (plus[i] - minus[i])                         # the step actually taken
+    return params.like(grad)
+
+
+def relative_error(analytic: np.ndarray, numeric: np.ndarray,
+                   floor: float = GRADCHECK_FLOOR) -> np.ndarray:
+    """|a - n| / max(|a|, |n|, floor), elementwise. Without the floor, an entry of 1e-9 (a weight
+    into a unit that dropout switched off, say) would show the finite difference's own rounding
+    error, about 1e-10, as a 10% error; with it, such entries are judged by their absolute error."""
+    scale = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)
+    return np.abs(analytic - numeric) / scale
+
+
+def gradient_check(case: GradcheckCase) -> dict[str, tuple[float, float]]:
+    """For each parameter: (largest |gradient| from backward, largest relative error against
+    central finite differences of total_loss with the same fixed masks and L2)."""
+    def loss(p):
+        return total_loss(p, case.x, case.labels, case.l2, case.masks)
+
+    _, cache = forward(case.params, case.x, case.masks)
+    analytic = backward(case.params, cache, case.labels, case.l2)
+    numeric = numerical_gradient(loss, case.params)
+    return {name: (float(np.abs(analytic[name]).max()),
+                   float(relative_error(analytic[name], numeric[name]).max())) for name in analytic}
 
 
 # ================================================================================================
@@ -828,34 +997,6 @@ def _adam_slice(p, g, m, v, p_out, m_out, v_out, a, b, beta1, beta2, step_size, 
         flush_to_zero(p_out, root=4)
         flush_to_zero(m_out)
         flush_to_zero(v_out)
-
-
-def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
-    """Set numbers below tiny**(1/root) to zero, in place on a fresh array (tiny: the smallest
-    normal float, 1.2e-38 in float32). Returns `a`.
-
-    Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
-    weights to zero geometrically (about x0.95 per step once |2 lambda W| < eps), down through
-    the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
-    matrix products too: left alone, the report's recipe slows from 2 s to 25 s an epoch by
-    epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags PyTorch sets with
-    `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they get there:
-    moments and dL/dZ below sqrt(tiny) (1e-19 in float32), so that their products stay normal,
-    and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (2 lambda W)^2 does.
-    Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
-    Adam flushes every FLUSH_EVERY = 16 steps, which is often enough: from these thresholds,
-    decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
-
-    Two roundings do it in two passes: near c = 2^(mantissa bits + 1) * threshold, floats are
-    2 * threshold apart, so adding c sends every |x| < threshold to c, and subtracting c leaves 0.
-    Other numbers move by at most 2 * threshold or one unit in their last place, and not at all
-    once they are 2^(mantissa bits) times larger than c.
-    """
-    info = np.finfo(a.dtype)
-    c = a.dtype.type(info.tiny ** (1.0 / root) * 2.0 ** (info.nmant + 1))
-    a += c
-    a -= c
-    return a
 
 
 # ================================================================================================
@@ -1017,6 +1158,11 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK) -> n
                           or [np.empty((0, NUM_CLASSES))])
 
 
+def class_probabilities(params: Mapping, images: np.ndarray, dtype: str) -> np.ndarray:
+    """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training."""
+    return softmax(predict_logits(params, normalise(images, dtype)).astype(np.float64))
+
+
 def evaluate(params: Mapping, x: np.ndarray, y: np.ndarray, chunk: int = EVAL_CHUNK) -> Evaluation:
     """Evaluate without dropout: the network as it will be used."""
     check_inputs(params, x, y)
@@ -1090,31 +1236,17 @@ def full_evaluation(params: Mapping, splits: Splits) -> dict:
 
 
 # ================================================================================================
-# Checkpoints and run directories: atomic writes, loads that never unpickle
+# Checkpoints and run directories: saved atomically, loaded without ever unpickling
 # ================================================================================================
 
 CHECKPOINT_FORMAT = "fmnist-checkpoint-1"
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write a file so that it is either the old one or the complete new one, never half of each:
-    write a temporary file in the same folder, flush and fsync it, then os.replace it into place."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def check_params_fit(params: Mapping, expected_sizes: Sequence[int], what: str) -> None:
+    actual = layer_sizes_of(params)
+    if tuple(actual) != tuple(expected_sizes):
+        raise CheckpointError(f"{what}: network is {_dashed(actual)}, "
+                              f"expected {_dashed(expected_sizes)}")
 
 
 def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -> None:
@@ -1177,11 +1309,11 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
     expected = param_shapes(config.layer_sizes)
     if set(arrays) != set(expected):
         try:
-            held = "a " + "-".join(map(str, layer_sizes_of(arrays))) + " network"
+            held = "a " + _dashed(layer_sizes_of(arrays)) + " network"
         except (KeyError, IndexError, ValueError):
             held = f"arrays {sorted(arrays)}"
         raise CheckpointError(f"{path}: holds {held}, but its config describes "
-                              f"{'-'.join(map(str, config.layer_sizes))} ({list(expected)})")
+                              f"{_dashed(config.layer_sizes)} ({list(expected)})")
     for name, shape in expected.items():
         _check_array(path, name, arrays[name], shape, config)
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta
@@ -1222,13 +1354,6 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     return TrainState(params, AdamState(step, m, v), epoch, best, best_params), config, history
 
 
-def check_params_fit(params: Mapping, expected_sizes: Sequence[int], what: str) -> None:
-    actual = layer_sizes_of(params)
-    if tuple(actual) != tuple(expected_sizes):
-        raise CheckpointError(f"{what}: network is {'-'.join(map(str, actual))}, "
-                              f"expected {'-'.join(map(str, expected_sizes))}")
-
-
 # ================================================================================================
 # Reporting: the lines and tables a run prints
 # ================================================================================================
@@ -1264,17 +1389,6 @@ def format_results(m: Mapping) -> str:
 # ================================================================================================
 
 PICTURES = ("curves.png", "confusion.png", "mistakes.png")
-TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def load_test_set(data_dir: str | Path = "data") -> tuple[np.ndarray, np.ndarray]:
-    """The official test images (10000, 28, 28) uint8 and labels (10000,), checksummed; the two
-    small files only, so a picture or a prediction does not wait for the 47 MB training file."""
-    images, labels = (read_idx(find_data_file(Path(data_dir), name), DATA_FILES[name][0])
-                      for name in TEST_FILES)
-    if len(images) != len(labels):
-        raise DataError(f"{data_dir}: {len(images):,} test images but {len(labels):,} labels")
-    return images, labels
 
 
 def write_run_artifacts(run_dir: str | Path, data_dir: str | Path = "data") -> list[Path]:
@@ -1548,10 +1662,6 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
     return "\n".join(lines)
 
 
-def _arrow(sizes: Sequence[int]) -> str:
-    return " -> ".join(map(str, sizes))
-
-
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "not recorded"
@@ -1582,10 +1692,6 @@ def _train_command(config: Config) -> str:
 MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes in ~200 MB; larger ones are refused unread
 WORKING_SIDE = 1024            # images are shrunk to this first: plenty for a 28 x 28 result
 TRIM_LEVEL = 0.05 * 255        # Zalando trimmed edges within 5% of the background's colour
-
-
-class ImageError(FmnistError):
-    """An image file that cannot be used: missing, empty, not an image, or too large."""
 
 
 def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
@@ -1629,6 +1735,11 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
     return 255 - gray if invert else gray
 
 
+def _border(gray: np.ndarray) -> np.ndarray:
+    """The outermost pixels of an (H, W) image: first and last rows, first and last columns."""
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
 def to_fashion_mnist(gray: np.ndarray) -> np.ndarray:
     """(H, W) uint8, object lighter than background -> (28, 28) uint8 made the way Zalando made
     Fashion-MNIST: background to 0, edges trimmed, longest side fitted to 28, the other centred.
@@ -1638,7 +1749,7 @@ def to_fashion_mnist(gray: np.ndarray) -> np.ndarray:
     left, as in the dataset, so a Fashion-MNIST image comes back unchanged.
     """
     from PIL import Image
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    border = _border(gray)
     x = np.clip(gray.astype(np.float32) - np.median(border), 0, None)     # (H, W), background 0
     rows = np.flatnonzero((x > TRIM_LEVEL).any(axis=1))
     cols = np.flatnonzero((x > TRIM_LEVEL).any(axis=0))
@@ -1658,113 +1769,13 @@ def to_fashion_mnist(gray: np.ndarray) -> np.ndarray:
 
 def looks_inverted(gray: np.ndarray) -> bool:
     """True when the border is mostly light: probably a dark object on a light background."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return bool(np.median(border) > 127)
-
-
-def class_probabilities(params: Mapping, images: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training."""
-    return softmax(predict_logits(params, normalise(images, dtype)).astype(np.float64))
+    return bool(np.median(_border(gray)) > 127)
 
 
 def top_k(probs: np.ndarray, k: int = 3) -> list[dict]:
     """The k most probable classes of one probability vector (10,), most probable first."""
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"class": CLASS_NAMES[i], "label": int(i), "probability": float(probs[i])} for i in order]
-
-
-# ================================================================================================
-# Gradient check: backward against central finite differences, on a small float64 network
-# ================================================================================================
-
-GRADCHECK_H = 1e-5        # float64: rounding ~eps*|L|/h ~ 1e-10, truncation ~h^2 ~ 1e-10, balanced
-GRADCHECK_FLOOR = 1e-3    # below this, entries are compared absolutely (see relative_error)
-GRADCHECK_TOL = 1e-6      # measured errors are 1e-9 to 1e-7; a wrong formula gives 1e-3 to 1
-
-
-class GradcheckCase(NamedTuple):
-    """A fixed problem for the check: network, batch (B, 784), labels (B,), dropout masks
-    drawn once at `dropout`, and the L2 strength."""
-
-    params: Params
-    x: np.ndarray
-    labels: np.ndarray
-    masks: tuple[np.ndarray, ...] | None
-    dropout: float
-    l2: float
-
-
-def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0,
-                   dropout: float = 0.3, l2: float = 1e-3) -> GradcheckCase:
-    """A random float64 network, batch, labels and one fixed dropout mask, every kept hidden
-    pre-activation at least 1000 h away from ReLU's kink at 0.
-
-    Why the kink matters: if a nudge of h carries Z across 0, the finite difference averages two
-    slopes and disagrees with backward although backward is right. Biases are drawn away from 0
-    (init's zeros would put units with all-zero input exactly on the kink), and draws whose Z
-    come too close are redrawn from the same generator, so the case is a function of the seed.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = (NUM_INPUTS, *hidden, NUM_CLASSES)
-    for _ in range(100):
-        arrays = {k: np.array(a) for k, a in init_params(sizes, rng.integers(2**32), "float64").items()}
-        for name, a in arrays.items():
-            if not is_weight(name):                                   # +-[1/16, 1], never 0
-                arrays[name] = rng.uniform(1 / 16, 1, a.shape) * rng.choice([-1.0, 1.0], a.shape)
-        params = Params.from_arrays(arrays)
-        x = rng.uniform(-3, 3, (batch, NUM_INPUTS))                   # (B, 784)
-        labels = rng.integers(0, NUM_CLASSES, batch)                  # (B,)
-        masks = dropout_masks(rng, batch, hidden, dropout, "float64")
-        if _distance_to_kink(params, x, masks) > 1000 * GRADCHECK_H:
-            return GradcheckCase(params, x, labels, masks, dropout, l2)
-    raise ValueError("could not draw a network away from ReLU's kinks; try another --seed")
-
-
-def _distance_to_kink(params: Mapping, x: np.ndarray, masks) -> float:
-    """The smallest |Z| over the hidden units that dropout keeps (dropped ones have slope 0 anyway)."""
-    _, cache = forward(params, x, masks)
-    distance = np.inf
-    for l in range(1, num_layers(params)):
-        Z = cache.inputs[l - 1] @ params[f"W{l}"] + params[f"b{l}"]   # (B, n_l)
-        kept = np.ones(Z.shape, bool) if masks is None else masks[l - 1] != 0
-        distance = min(distance, float(np.abs(Z[kept]).min(initial=np.inf)))
-    return distance
-
-
-def numerical_gradient(loss: Any, params: Params, h: float = GRADCHECK_H) -> Params:
-    """Central differences (L(p + h e_i) - L(p - h e_i)) / 2h for every coordinate i: the
-    definition of the derivative, one parameter at a time (slow, and that is the point)."""
-    flat = params.flat
-    grad = np.empty_like(flat)                                        # (P,)
-    for i in range(flat.size):
-        plus, minus = flat.copy(), flat.copy()
-        plus[i] += h
-        minus[i] -= h
-        rise = loss(params.like(plus)) - loss(params.like(minus))
-        grad[i] = rise / (plus[i] - minus[i])                         # the step actually taken
-    return params.like(grad)
-
-
-def relative_error(analytic: np.ndarray, numeric: np.ndarray,
-                   floor: float = GRADCHECK_FLOOR) -> np.ndarray:
-    """|a - n| / max(|a|, |n|, floor), elementwise. Without the floor, an entry of 1e-9 (a weight
-    into a unit that dropout switched off, say) would show the finite difference's own rounding
-    error, about 1e-10, as a 10% error; with it, such entries are judged by their absolute error."""
-    scale = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)
-    return np.abs(analytic - numeric) / scale
-
-
-def gradient_check(case: GradcheckCase) -> dict[str, tuple[float, float]]:
-    """For each parameter: (largest |gradient| from backward, largest relative error against
-    central finite differences of total_loss with the same fixed masks and L2)."""
-    def loss(p):
-        return total_loss(p, case.x, case.labels, case.l2, case.masks)
-
-    _, cache = forward(case.params, case.x, case.masks)
-    analytic = backward(case.params, cache, case.labels, case.l2)
-    numeric = numerical_gradient(loss, case.params)
-    return {name: (float(np.abs(analytic[name]).max()),
-                   float(relative_error(analytic[name], numeric[name]).max())) for name in analytic}
 
 
 # ================================================================================================
@@ -1777,7 +1788,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     if state is None:
         _start_run_dir(out, config)
-    print(f"{'resuming' if state else 'training'} {'-'.join(map(str, config.layer_sizes))} on "
+    print(f"{'resuming' if state else 'training'} {_dashed(config.layer_sizes)} on "
           f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
           f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
     progress = _progress_bar(args.quiet, first_epoch=state.epoch + 1 if state else 1)
@@ -1883,7 +1894,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     params, config, meta = load_checkpoint(args.checkpoint)
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     metrics = full_evaluation(params, splits)
-    print(f"checkpoint {args.checkpoint}: {'-'.join(map(str, config.layer_sizes))}, "
+    print(f"checkpoint {args.checkpoint}: {_dashed(config.layer_sizes)}, "
           f"epoch {meta.get('epoch', '?')}")
     print(format_results(metrics))
     return 0
@@ -1935,7 +1946,7 @@ def run_gradcheck(args: argparse.Namespace) -> int:
         raise ValueError("--hidden needs positive widths and --batch a positive size")
     case = gradcheck_case(args.hidden, args.batch, args.seed)
     sizes = layer_sizes_of(case.params)
-    print(f"gradient check: {'-'.join(map(str, sizes))} network in float64, batch {args.batch}, "
+    print(f"gradient check: {_dashed(sizes)} network in float64, batch {args.batch}, "
           f"seed {args.seed}")
     print(f"loss: cross-entropy + L2 (lambda {case.l2}), dropout {case.dropout} with one fixed "
           f"mask; central differences with h = {GRADCHECK_H}")
