@@ -1045,6 +1045,7 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     check_adam_state(opt_state, params)
     shapes, hidden, n_w = params.shapes, layer_sizes_of(params)[1:-1], params.num_weights
     p, m, v = params.flat.copy(), opt_state.m.flat.copy(), opt_state.v.flat.copy()  # ours
+    current = Params(p.view(), shapes)            # a read-only window onto p, which Adam updates
     t = opt_state.step
     rng = np.random.default_rng([config.seed, epoch])
     loss_sum, correct, seen = 0.0, 0, 0
@@ -1052,7 +1053,6 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     for step, idx in enumerate(batches(len(y), config.batch_size, rng), start=1):
         xb, yb = x[idx], y[idx]                               # (B, 784), (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype)
-        current = Params(p.view(), shapes)                    # a read-only window onto p
         logits, cache = forward(current, xb, masks)
         grads = backward(current, cache, yb)                  # data gradient; L2's is added by Adam
         t += 1
@@ -1792,16 +1792,17 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
           f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
           f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
     progress = _progress_bar(args.quiet, first_epoch=state.epoch + 1 if state else 1)
+    saved = state.epoch if state else 0                       # the epoch state.npz holds
     try:
         for state, record in fit(splits, config, state, progress):
             history.append(record)
             if state.best.epoch == state.epoch:
                 save_checkpoint(out / "best.npz", state.best_params, config, epoch=state.epoch)
             save_state(out / "state.npz", state, config, history)
+            saved = state.epoch
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
-        saved = load_state(out / "state.npz")[0].epoch if (out / "state.npz").exists() else 0
         if saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
                   f"  python fmnist.py train --resume {out}", file=sys.stderr)
@@ -1985,6 +1986,10 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
             f"expected comma-separated layer widths such as 512,256,128, got {text!r}") from None
 
 
+def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the IDX files") -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmnist", description="A Fashion-MNIST MLP in NumPy, from scratch, as pure functions.")
@@ -2015,7 +2020,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="floating-point type")
     train.add_argument("--limit", type=_whole_number, default=None,
                        help="train on the first N training images only (quick tries)")
-    train.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with the IDX files")
+    _data_dir_flag(train)
     train.add_argument("--out", type=Path, default=None,
                        help="run directory (default: runs/<timestamp>)")
     train.add_argument("--force", action="store_true",
@@ -2027,14 +2032,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd = commands.add_parser("evaluate", help="evaluate a saved checkpoint",
                                        description="Print the full evaluation of a checkpoint.")
     evaluate_cmd.add_argument("checkpoint", type=Path, help="a best.npz written by train")
-    evaluate_cmd.add_argument("--data-dir", type=Path, default=Path("data"),
-                              help="folder with the IDX files")
+    _data_dir_flag(evaluate_cmd)
     report_cmd = commands.add_parser("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
                                                  "and rewrite report.md in a finished run directory.")
     report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
-    report_cmd.add_argument("--data-dir", type=Path, default=Path("data"),
-                            help="folder with the IDX files (the test images are drawn)")
+    _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
     predict_cmd = commands.add_parser(
         "predict", help="classify image files or test-set images with a checkpoint",
         description="Print the three most probable classes for each image. A PNG or JPEG of any "
@@ -2050,8 +2053,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--test-index", type=_whole_number, action="append", metavar="N",
                              help="also classify test-set image N (0-9999); repeatable")
     predict_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    predict_cmd.add_argument("--data-dir", type=Path, default=Path("data"),
-                             help="folder with the IDX files (for --test-index)")
+    _data_dir_flag(predict_cmd, "folder with the IDX files (for --test-index)")
     gradcheck_cmd = commands.add_parser(
         "gradcheck", help="check backward against finite differences on a small network",
         description="Build a small random float64 network (784 inputs, 10 classes), and print for "
@@ -2069,7 +2071,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "installed, else from the mirror with the standard library; checksums are "
                     "verified before a file is written. Files already valid are kept.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    download_cmd.add_argument("--data-dir", type=Path, default=Path("data"), help="where to put the files")
+    _data_dir_flag(download_cmd, "where to put the files")
     download_cmd.add_argument("--mirror", default=MIRROR,
                               help="base URL of the .gz files (without torchvision)")
     download_cmd.add_argument("--no-torchvision", action="store_true",

@@ -159,36 +159,6 @@ def distance_to_kink(case: Case) -> float:
     return float(min(distances))
 
 
-def unflatten(vector: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Cut a flat vector back into named arrays of the given shapes (copies, in order)."""
-    out, start = {}, 0
-    for name, shape in shapes.items():
-        size = int(np.prod(shape))
-        out[name] = vector[start:start + size].reshape(shape).copy()
-        start += size
-    return out
-
-
-def numerical_gradient(loss, params, h: float = H) -> dict[str, np.ndarray]:
-    """Central differences (L(p + h e_i) - L(p - h e_i)) / (2h), for every coordinate i of params.
-
-    Params are read-only, so each nudged point is a new Params built from copies. Dividing by the
-    step actually taken, (p_i + h) - (p_i - h) as rounded in floating point, rather than by 2h
-    removes one source of error for free.
-    """
-    shapes = {name: a.shape for name, a in params.items()}
-    flat = np.concatenate([np.ravel(a) for a in params.values()])       # (P,)
-    grad = np.empty_like(flat)
-    for i in range(flat.size):
-        plus, minus = flat.copy(), flat.copy()
-        plus[i] += h
-        minus[i] -= h
-        rise = loss(fm.Params.from_arrays(unflatten(plus, shapes)))
-        rise -= loss(fm.Params.from_arrays(unflatten(minus, shapes)))
-        grad[i] = rise / (plus[i] - minus[i])
-    return unflatten(grad, shapes)
-
-
 def assert_gradients_match(analytic, numeric, loss_value: float) -> None:
     """Compare per parameter with an absolute tolerance set by the finite difference's rounding.
 
@@ -210,7 +180,8 @@ def check_backward_against_finite_differences(case: Case) -> None:
 
     _, cache = fm.forward(case.params, case.x, case.masks)
     analytic = fm.backward(case.params, cache, case.labels, case.l2)
-    assert_gradients_match(analytic, numerical_gradient(loss, case.params), loss(case.params))
+    numeric = fm.numerical_gradient(loss, case.params, H)         # (L(p + h e_i) - L(p - h e_i)) / 2h
+    assert_gradients_match(analytic, numeric, loss(case.params))
 
 
 def onehot(labels: np.ndarray, k: int) -> np.ndarray:
