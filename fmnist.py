@@ -67,6 +67,8 @@ NUM_INPUTS = 784
 MEAN, STD = 0.286, 0.353          # report 2.3: normalisation of pixels scaled to [0, 1]
 DTYPES = ("float32", "float64")
 TRAIN_IMAGES = 60_000              # official training set, split into train and validation
+SCHEDULES = ("constant", "cosine")
+MAX_SHIFT = 4                      # pixels; an item moved further starts to leave the 28 x 28 frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,13 @@ class Config:
     val_size: int = 10_000                     # [2.2] 50,000 train / 10,000 validation
     dtype: str = "float32"
     limit: int | None = None                   # train on the first N training images only
+    # Beyond the report (README, "How far can an MLP go"): all off by default.
+    lr_schedule: str = "constant"              # or "cosine": decay from lr to 0 over `epochs`
+    flip: float = 0.0                          # probability of mirroring a training image
+    shift: int = 0                             # random shifts of training images, in pixels
+    label_smoothing: float = 0.0               # weight of the uniform target mixed into the one-hot
+    average: float = 0.0                       # decay of the running average of weights per epoch
+    flip_average: bool = False                 # predict from an image and its mirror image
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -124,10 +133,25 @@ def check_config(c: Config) -> None:
         (1 <= c.val_size < TRAIN_IMAGES, f"val_size must be in [1, {TRAIN_IMAGES}), got {c.val_size}"),
         (c.limit is None or 1 <= c.limit <= TRAIN_IMAGES - c.val_size,
          f"limit must be between 1 and the {TRAIN_IMAGES - c.val_size:,} training images, got {c.limit}"),
+        (c.lr_schedule in SCHEDULES,
+         f"lr schedule must be one of {', '.join(SCHEDULES)}, got {c.lr_schedule!r}"),
+        (0.0 <= c.flip <= 1.0, f"flip must be a probability in [0, 1], got {c.flip}"),
+        (isinstance(c.shift, int) and 0 <= c.shift <= MAX_SHIFT,
+         f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {c.shift}"),
+        (0.0 <= c.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {c.label_smoothing}"),
+        (0.0 <= c.average < 1.0, f"average must be in [0, 1), got {c.average}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+RECIPES = {
+    "report": Config(),
+    # README, "How far can an MLP go": every choice made on the validation split.
+    "best": Config(hidden=(1024, 512, 256), epochs=60, patience=0, lr_schedule="cosine",
+                   flip=0.5, flip_average=True),
+}
 
 
 class FmnistError(Exception):
@@ -480,6 +504,45 @@ def _download_with_torchvision(data_dir: Path, targets: Mapping[str, Path], log:
 
 
 # ================================================================================================
+# Augmentation: random mirror images and shifts of training batches
+# ================================================================================================
+
+BACKGROUND = -MEAN / STD          # a black pixel after normalisation: what a shift brings in
+
+
+def mirror(x: np.ndarray) -> np.ndarray:
+    """Flattened images (N, 784) mirrored left to right: a new array."""
+    return np.ascontiguousarray(x.reshape(-1, *IMAGE_SHAPE)[:, :, ::-1]).reshape(x.shape)
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0
+            ) -> np.ndarray:
+    """A randomly altered copy of a batch of normalised images x (B, 784), for training.
+
+    Each image is mirrored left to right with probability `flip` (a mirrored shirt is still a
+    shirt; a mirrored digit is not a digit), then moved by a whole number of pixels in
+    -shift..shift, independently down and across, with background filling what moves in. The
+    network sees a slightly different training set every epoch, which makes memorising harder.
+    With flip 0 and shift 0 it returns x and draws nothing, so the report's recipe is untouched.
+    """
+    if not flip and not shift:
+        return x
+    B = len(x)
+    images = x.reshape(B, *IMAGE_SHAPE)                               # (B, 28, 28)
+    if flip:
+        mirrored = rng.random(B) < flip                               # (B,) bool
+        images = np.where(mirrored[:, None, None], images[:, :, ::-1], images)
+    if shift:
+        s, (h, w) = shift, IMAGE_SHAPE
+        padded = np.pad(images, ((0, 0), (s, s), (s, s)), constant_values=BACKGROUND)
+        top, left = rng.integers(0, 2 * s + 1, size=(2, B))           # corner of each crop
+        rows = (top[:, None] + np.arange(h))[:, :, None]              # (B, 28, 1)
+        cols = (left[:, None] + np.arange(w))[:, None, :]             # (B, 1, 28)
+        images = padded[np.arange(B)[:, None, None], rows, cols]      # (B, 28, 28)
+    return _readonly(images.reshape(B, NUM_INPUTS).astype(x.dtype, copy=False))
+
+
+# ================================================================================================
 # Parameters: an immutable mapping of read-only arrays, all views into one flat vector
 # ================================================================================================
 
@@ -707,9 +770,18 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over the batch of -log p(true class), straight from log_softmax (no clipping needed)."""
-    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
+def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0) -> float:
+    """Mean over the batch of -log p(true class), straight from log_softmax (no clipping needed).
+
+    With label smoothing e the target is (1 - e) one-hot + e uniform, so the loss per example is
+    (1 - e) (-log p_true) + e mean_k(-log p_k): a network can no longer drive it to zero by
+    growing its logits without bound, which keeps it from becoming overconfident.
+    """
+    log_p = log_softmax(logits)                               # (B, K)
+    nll = -log_p[np.arange(len(labels)), labels]              # (B,)
+    if smoothing:
+        nll = (1.0 - smoothing) * nll - smoothing * log_p.mean(axis=1)
+    return float(nll.mean())
 
 
 def l2_penalty(params: Mapping, l2: float) -> float:
@@ -718,10 +790,10 @@ def l2_penalty(params: Mapping, l2: float) -> float:
 
 
 def total_loss(params: Mapping, x: np.ndarray, labels: np.ndarray, l2: float = 0.0,
-               masks: Sequence[np.ndarray] | None = None) -> float:
+               masks: Sequence[np.ndarray] | None = None, smoothing: float = 0.0) -> float:
     """The objective that `backward` differentiates: cross-entropy + L2 penalty."""
     logits, _ = forward(params, x, masks)
-    return cross_entropy(logits, labels) + l2_penalty(params, l2)
+    return cross_entropy(logits, labels, smoothing) + l2_penalty(params, l2)
 
 
 # ================================================================================================
@@ -756,10 +828,12 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     return a
 
 
-def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0) -> Params:
+def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
+             smoothing: float = 0.0) -> Params:
     """Gradients of `total_loss` with respect to every parameter, same keys and shapes as params.
 
-    For softmax followed by cross-entropy averaged over B rows, dL/dZ_L = (softmax(Z_L) - onehot) / B.
+    For softmax followed by cross-entropy averaged over B rows, dL/dZ_L = (softmax(Z_L) - T) / B,
+    where T is the target: one-hot, or (1 - e) one-hot + e / K with label smoothing e.
     Then for each layer l = L, ..., 1 (A_{l-1} is the layer's input):
         dW_l = A_{l-1}^T dZ_l + 2 lambda W_l      (fan_in, fan_out)
         db_l = sum over the batch of dZ_l          (fan_out,)
@@ -778,7 +852,9 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0)
     flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
     dZ = softmax(cache.logits)                                # (B, 10)
-    dZ[np.arange(B), labels] -= 1.0
+    if smoothing:
+        dZ -= smoothing / dZ.shape[1]
+    dZ[np.arange(B), labels] -= 1.0 - smoothing
     dZ /= B                                                   # dL/dZ_L
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
@@ -1021,13 +1097,27 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
         yield order[start:start + batch_size]
 
 
+def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of Adam step `step` (1, 2, ...) under config's schedule.
+
+    constant: config.lr throughout (the report's recipe). cosine: half a cosine wave, from
+    config.lr at the first step to nearly 0 at the last step of config.epochs, lr/2 half-way:
+    large steps while the network is far from a good solution, then ever smaller ones that let it
+    settle into one instead of bouncing around it.
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - 1) / (config.epochs * steps_per_epoch)             # 0 at the first step
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndarray,
                 config: Config = Config(), epoch: int = 1, on_step: OnStep | None = None
                 ) -> tuple[Params, AdamState, EpochStats]:
     """One pass over (x, y) in shuffled mini-batches; returns new params, new Adam state, stats.
 
-    Every random draw of the epoch (the shuffle, each batch's dropout masks) comes from
-    `default_rng([config.seed, epoch])`, so an epoch is a pure function of its arguments.
+    Every random draw of the epoch (the shuffle, each batch's augmentation and dropout masks)
+    comes from `default_rng([config.seed, epoch])`, so an epoch is a pure function of its arguments.
     `on_step(step, steps, loss, accuracy)`, if given, hears the running averages after each
     batch (for a progress bar); it cannot change the result.
 
@@ -1051,12 +1141,13 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     loss_sum, correct, seen = 0.0, 0, 0
     steps = -(-len(y) // config.batch_size)
     for step, idx in enumerate(batches(len(y), config.batch_size, rng), start=1):
-        xb, yb = x[idx], y[idx]                               # (B, 784), (B,)
+        xb = augment(x[idx], rng, config.flip, config.shift)  # (B, 784)
+        yb = y[idx]                                           # (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype)
         logits, cache = forward(current, xb, masks)
-        grads = backward(current, cache, yb)                  # data gradient; L2's is added by Adam
+        grads = backward(current, cache, yb, smoothing=config.label_smoothing)  # L2: in Adam
         t += 1
-        adam_update(p, grads.flat, m, v, p, m, v, n_w, t, config.lr,
+        adam_update(p, grads.flat, m, v, p, m, v, n_w, t, learning_rate(config, t, steps),
                     config.beta1, config.beta2, config.eps, config.l2)
         batch_loss = cross_entropy(logits, yb)
         if not batch_loss < EXPLODED_LOSS:                    # also catches NaN
@@ -1097,19 +1188,38 @@ def should_stop(best: Best, patience: int) -> bool:
     return patience > 0 and best.waited >= patience
 
 
+def average_params(average: Params, params: Params, decay: float) -> Params:
+    """The running average of weights after one more epoch: decay * average + (1 - decay) * params.
+
+    Late in training Adam's steps make the weights wander around a good solution; their average
+    over the last few epochs (1 / (1 - decay) of them, roughly) lies nearer its centre, and often
+    generalises better than any single point on the path (Polyak averaging; SWA, Izmailov et al.
+    2018). The average is only ever evaluated: training continues from `params`.
+    """
+    if average.shapes != params.shapes:
+        raise ValueError(f"average {average.shapes} does not match the parameters {params.shapes}")
+    flat = np.multiply(average.flat, decay)
+    flat += (1.0 - decay) * params.flat
+    return params.like(flat)
+
+
 class TrainState(NamedTuple):
-    """Everything needed to continue training after `epoch` epochs: a run is a fold over these."""
+    """Everything needed to continue training after `epoch` epochs: a run is a fold over these.
+
+    `model` is what gets evaluated: the parameters themselves, or their running average when
+    config.average is on."""
 
     params: Params
     opt_state: AdamState
     epoch: int
     best: Best
     best_params: Params
+    model: Params | None = None
 
 
 def initial_state(config: Config) -> TrainState:
     params = init_params(config.layer_sizes, config.seed, config.dtype)
-    return TrainState(params, adam_init(params), 0, Best(), params)
+    return TrainState(params, adam_init(params), 0, Best(), params, params)
 
 
 def fit(splits: Splits, config: Config = Config(), state: TrainState | None = None,
@@ -1126,10 +1236,12 @@ def fit(splits: Splits, config: Config = Config(), state: TrainState | None = No
         epoch = state.epoch + 1
         params, opt_state, stats = train_epoch(state.params, state.opt_state, splits.x_train,
                                                splits.y_train, config, epoch, on_step)
-        val = evaluate(params, splits.x_val, splits.y_val)
+        averaging = config.average and epoch > 1 and state.model is not None
+        model = average_params(state.model, params, config.average) if averaging else params
+        val = evaluate(model, splits.x_val, splits.y_val, flip_average=config.flip_average)
         best = early_stopping_update(state.best, epoch, val.correct)
-        best_params = params if best.epoch == epoch else state.best_params
-        state = TrainState(params, opt_state, epoch, best, best_params)
+        best_params = model if best.epoch == epoch else state.best_params
+        state = TrainState(params, opt_state, epoch, best, best_params, model)
         yield state, {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                       "val_loss": val.loss, "val_accuracy": val.accuracy,
                       "val_correct": val.correct, "seconds": time.perf_counter() - started}
@@ -1151,24 +1263,60 @@ class Evaluation(NamedTuple):
 EVAL_CHUNK = 2048   # rows per forward pass: big enough for fast GEMMs, small enough for the cache
 
 
-def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK) -> np.ndarray:
-    """Logits (N, 10) without dropout, computed `chunk` rows at a time to bound memory."""
+def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
+                   flip_average: bool = False) -> np.ndarray:
+    """Logits (N, 10) without dropout, computed `chunk` rows at a time to bound memory.
+
+    flip_average: ask about each image and its mirror image, and average the two predicted
+    distributions (test-time augmentation: the network was trained on both). What is returned
+    is then the log of the averaged probabilities, which serve as logits: their softmax is that
+    average, so argmax, softmax and cross_entropy work on them unchanged.
+    """
     check_inputs(params, x)
-    return np.concatenate([forward(params, x[i:i + chunk])[0] for i in range(0, len(x), chunk)]
-                          or [np.empty((0, NUM_CLASSES))])
+    logits = np.concatenate([forward(params, x[i:i + chunk])[0] for i in range(0, len(x), chunk)]
+                            or [np.empty((0, NUM_CLASSES))])
+    if not flip_average:
+        return logits
+    mirrored = predict_logits(params, mirror(x), chunk)
+    return mean_distribution([logits, mirrored])
 
 
-def class_probabilities(params: Mapping, images: np.ndarray, dtype: str) -> np.ndarray:
+def mean_distribution(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """log of the mean of the distributions softmax(z) for z in `logits` (each (N, K)), computed
+    in log space, log(sum exp(log p)) - log M with np.logaddexp (which computes
+    log(e^a + e^b) as max(a, b) + log1p(e^-|a - b|)), so no probability underflows to log 0."""
+    log_p = np.stack([log_softmax(z) for z in logits])               # (M, N, K)
+    return np.logaddexp.reduce(log_p, axis=0) - math.log(len(log_p))
+
+
+def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool = False
+                    ) -> np.ndarray:
+    """An ensemble's prediction: the mean of its members' predicted distributions, as logits
+    (their log), like `predict_logits` with flip_average. Members trained from different seeds
+    make partly different mistakes, so the average is wrong less often than a typical member."""
+    return mean_distribution([predict_logits(p, x, flip_average=flip_average) for p in models])
+
+
+def class_probabilities(params: Mapping, images: np.ndarray, dtype: str,
+                        flip_average: bool = False) -> np.ndarray:
     """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training."""
-    return softmax(predict_logits(params, normalise(images, dtype)).astype(np.float64))
+    logits = predict_logits(params, normalise(images, dtype), flip_average=flip_average)
+    return softmax(logits.astype(np.float64))
 
 
-def evaluate(params: Mapping, x: np.ndarray, y: np.ndarray, chunk: int = EVAL_CHUNK) -> Evaluation:
-    """Evaluate without dropout: the network as it will be used."""
-    check_inputs(params, x, y)
+def evaluate(params: Mapping | Sequence[Mapping], x: np.ndarray, y: np.ndarray,
+             chunk: int = EVAL_CHUNK, flip_average: bool = False) -> Evaluation:
+    """Evaluate without dropout: the network as it will be used. `params` may also be a list of
+    networks, an ensemble (see ensemble_logits)."""
+    members = [params] if isinstance(params, Mapping) else list(params)
+    if not members:
+        raise ValueError("an ensemble needs at least one network")
+    for p in members:
+        check_inputs(p, x, y)
     if len(y) == 0:
         raise ValueError("cannot evaluate on zero examples")
-    logits = predict_logits(params, x, chunk)
+    logits = (predict_logits(params, x, chunk, flip_average) if isinstance(params, Mapping)
+              else ensemble_logits(members, x, flip_average))
     predictions = _readonly(logits.argmax(axis=1))
     correct = int((predictions == y).sum())
     return Evaluation(cross_entropy(logits, y), correct / len(y), correct, predictions)
@@ -1214,13 +1362,14 @@ def top_confusions(confusion: np.ndarray, n: int = 6) -> list[tuple[int, int, in
     return [p for p in pairs[:n] if p[2] + p[3] > 0]
 
 
-def full_evaluation(params: Mapping, splits: Splits) -> dict:
+def full_evaluation(params: Mapping | Sequence[Mapping], splits: Splits,
+                    flip_average: bool = False) -> dict:
     """The final figures of a run: train (no dropout), validation and test; per-class test metrics."""
     result = {}
     for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val)):
-        ev = evaluate(params, x, y)
+        ev = evaluate(params, x, y, flip_average=flip_average)
         result[f"{name}_loss"], result[f"{name}_accuracy"] = ev.loss, ev.accuracy
-    test = evaluate(params, splits.x_test, splits.y_test)
+    test = evaluate(params, splits.x_test, splits.y_test, flip_average=flip_average)
     result["test_loss"], result["test_accuracy"] = test.loss, test.accuracy
     confusion = confusion_matrix(splits.y_test, test.predictions)
     metrics = per_class_metrics(confusion)
@@ -1320,7 +1469,11 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
 
 
 STATE_FORMAT = "fmnist-train-state-1"
-STATE_ARRAYS = ("params", "m", "v", "best_params")
+STATE_ARRAYS = ("params", "m", "v", "best_params")   # and "model" with a running average
+
+
+def state_arrays(config: Config) -> tuple[str, ...]:
+    return STATE_ARRAYS + ("model",) * bool(config.average)
 
 
 def save_state(path: Path, state: TrainState, config: Config, history: list[dict]) -> None:
@@ -1330,8 +1483,8 @@ def save_state(path: Path, state: TrainState, config: Config, history: list[dict
                        "step": state.opt_state.step, "epoch": state.epoch,
                        "best": list(state.best), "history": history})
     flats = (state.params.flat, state.opt_state.m.flat, state.opt_state.v.flat,
-             state.best_params.flat)
-    arrays = dict(zip(STATE_ARRAYS, flats)) | {"meta": np.array(meta)}
+             state.best_params.flat) + ((state.model.flat,) if config.average else ())
+    arrays = dict(zip(state_arrays(config), flats)) | {"meta": np.array(meta)}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -1342,16 +1495,18 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     config = meta["config"]
     shapes = param_shapes(config.layer_sizes)
     size = num_parameters(shapes)
-    if set(arrays) != set(STATE_ARRAYS):
-        raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(STATE_ARRAYS)}")
-    for name in STATE_ARRAYS:
+    names = state_arrays(config)
+    if set(arrays) != set(names):
+        raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(names)}")
+    for name in names:
         _check_array(path, name, arrays[name], (size,), config)
-    params, m, v, best_params = (Params(arrays[k].copy(), shapes) for k in STATE_ARRAYS)
+    params, m, v, best_params, *average = (Params(arrays[k].copy(), shapes) for k in names)
     try:
         best, step, epoch, history = Best(*meta["best"]), meta["step"], meta["epoch"], meta["history"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: incomplete training state ({e})") from None
-    return TrainState(params, AdamState(step, m, v), epoch, best, best_params), config, history
+    model = average[0] if average else params
+    return TrainState(params, AdamState(step, m, v), epoch, best, best_params, model), config, history
 
 
 # ================================================================================================
@@ -1424,7 +1579,7 @@ def write_pictures(run_dir: Path, data_dir: str | Path = "data") -> list[Path]:
     _, history, metrics = read_run(run_dir)
     params, config, _ = load_checkpoint(run_dir / "best.npz")
     images, labels = load_test_set(data_dir)
-    probs = class_probabilities(params, images, config.dtype)        # (10000, 10)
+    probs = class_probabilities(params, images, config.dtype, config.flip_average)  # (10000, 10)
     confusion = np.asarray(metrics["confusion"])                      # (10, 10), from the run
     pairs = [(a, b) for a, b, *_ in top_confusions(confusion, n=4)]
     paths = [run_dir / name for name in PICTURES]
@@ -1604,7 +1759,7 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "### 2.3 Preprocessing", "",
         f"- Images flattened to {NUM_INPUTS}-dimensional vectors",
         f"- Pixels scaled to [0, 1], then normalised with mean {MEAN} and standard deviation {STD}",
-        "- No data augmentation", "",
+        f"- {_augmentation_text(config)}", "",
         "## 3 Model Architecture", "",
         "### 3.1 Network Structure", "", f"{_arrow(config.layer_sizes)}", "",
         "- Hidden activations: ReLU", "- Output: softmax (stable: log-sum-exp)",
@@ -1614,11 +1769,18 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "- Xavier initialization for the output layer", f"- Seed: {config.seed}", "",
         "## 4 Training Procedure", "",
         "### 4.1 Optimization", "",
-        "- Optimizer: Adam", f"- Learning rate: {config.lr}",
+        "- Optimizer: Adam", f"- Learning rate: {config.lr}"
+        + (" with cosine decay to 0 over the epochs" if config.lr_schedule == "cosine" else ""),
         f"- beta1 = {config.beta1}, beta2 = {config.beta2}, epsilon = {config.eps}",
         f"- L2 regularization: lambda = {config.l2}", f"- Batch size: {config.batch_size}",
         f"- Maximum epochs: {config.epochs}",
-        f"- Early stopping patience: {config.patience} (based on validation accuracy)", "",
+        f"- Early stopping patience: {config.patience} (based on validation accuracy)"
+        if config.patience else "- Early stopping: off (the best epoch is still the one kept)",
+        *([f"- Label smoothing: {config.label_smoothing}"] if config.label_smoothing else []),
+        *([f"- Evaluated: running average of the weights, decay {config.average} per epoch"]
+          if config.average else []),
+        *(["- Predictions average each image and its mirror image"] if config.flip_average else []),
+        "",
         f"{stopped}. The best validation accuracy occurred at epoch {m['best_epoch']}.", "",
         "### 4.2 Training Results", "",
         f"- Final training loss: {last['train_loss']:.4f}, accuracy {last['train_accuracy']:.2%} "
@@ -1662,6 +1824,12 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
     return "\n".join(lines)
 
 
+def _augmentation_text(config: Config) -> str:
+    parts = ([f"random horizontal flips (p = {config.flip})"] if config.flip else []) + (
+        [f"random shifts of up to {config.shift} px"] if config.shift else [])
+    return "Training augmentation: " + " and ".join(parts) if parts else "No data augmentation"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "not recorded"
@@ -1675,14 +1843,21 @@ def _picture(name: str, caption: str, pictures: Sequence[str]) -> list[str]:
 
 
 def _train_command(config: Config) -> str:
-    """The `train` command line that repeats this run: flags only where it left the defaults."""
-    default, flags = Config(), []
-    for field in dataclasses.fields(Config):
-        value = getattr(config, field.name)
-        if value != getattr(default, field.name) and field.name != "val_size":   # no flag for it
-            shown = ",".join(map(str, value)) if field.name == "hidden" else value
-            flags.append(f"--{field.name.replace('_', '-')} {shown}")
-    return " ".join(["python fmnist.py train", *flags])
+    """The `train` command line that repeats this run: the nearest recipe, then flags only
+    where the run left that recipe's values."""
+    commands = []
+    for recipe, base in RECIPES.items():
+        flags = [] if recipe == "report" else [f"--recipe {recipe}"]
+        for field in dataclasses.fields(Config):
+            value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+            if value == getattr(base, field.name) or field.name == "val_size":  # no flag for it
+                continue
+            if isinstance(value, bool):
+                flags.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                flags.append(f"{flag} {_flag_value(value)}")
+        commands.append(" ".join(["python fmnist.py train", *flags]))
+    return min(commands, key=len)
 
 
 # ================================================================================================
@@ -1815,7 +1990,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
         kept = f"; the best checkpoint so far is intact at {best}" if best.exists() else ""
         raise DivergedError(f"{e}{kept}") from None
     stopped_early = state.epoch < config.epochs
-    metrics = full_evaluation(state.best_params, splits) | {
+    metrics = full_evaluation(state.best_params, splits, config.flip_average) | {
         "best_epoch": state.best.epoch, "epochs_run": state.epoch, "stopped_early": stopped_early,
         "train_seconds": sum(r["seconds"] for r in history)}
     write_json(out / "metrics.json", metrics)
@@ -1838,9 +2013,9 @@ def _check_run_dir(args: argparse.Namespace, config: Config
         out = Path(args.resume)
         if (out / "metrics.json").exists():
             raise CheckpointError(f"{out}: this run has already finished; nothing to resume")
-        if config != Config():
+        if args.recipe or given_hyperparameters(args):
             raise ValueError("--resume continues a run with its stored settings; "
-                             "do not pass hyperparameters with it")
+                             "do not pass a recipe or hyperparameters with it")
         state, config, history = load_state(out / "state.npz")
         return out, state, history, config
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -1892,11 +2067,23 @@ def _progress_bar(quiet: bool, first_epoch: int = 1) -> OnStep | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    params, config, meta = load_checkpoint(args.checkpoint)
+    """`evaluate`: one checkpoint, or several as an ensemble (same split, same dtype)."""
+    loaded = [load_checkpoint(path) for path in args.checkpoints]
+    config = loaded[0][1]
+    for path, (_, other, _) in zip(args.checkpoints, loaded):
+        if (other.split_seed, other.val_size, other.dtype) != (config.split_seed, config.val_size,
+                                                               config.dtype):
+            raise CheckpointError(f"{path}: its split or dtype differs from {args.checkpoints[0]}'s; "
+                                  f"an ensemble's members must share them")
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
-    metrics = full_evaluation(params, splits)
-    print(f"checkpoint {args.checkpoint}: {_dashed(config.layer_sizes)}, "
-          f"epoch {meta.get('epoch', '?')}")
+    models = [params for params, _, _ in loaded]
+    metrics = full_evaluation(models[0] if len(models) == 1 else models, splits, config.flip_average)
+    for path, (_, c, meta) in zip(args.checkpoints, loaded):
+        print(f"checkpoint {path}: {_dashed(c.layer_sizes)}, seed {c.seed}, "
+              f"epoch {meta.get('epoch', '?')}")
+    if len(models) > 1:
+        print(f"ensemble of {len(models)}: the mean of their predicted distributions"
+              f"{', each averaged with the mirror image' if config.flip_average else ''}")
     print(format_results(metrics))
     return 0
 
@@ -1929,7 +2116,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 raise ValueError(f"--test-index must be in 0..{len(test_labels) - 1}, got {i}")
             inputs.append({"input": f"test image {i}", "true_class": CLASS_NAMES[test_labels[i]]})
             images.append(test_images[i])
-    probs = class_probabilities(params, np.stack(images), config.dtype)   # (N, 10)
+    probs = class_probabilities(params, np.stack(images), config.dtype,
+                                config.flip_average)                  # (N, 10)
     results = [item | {"top": top_k(p)} for item, p in zip(inputs, probs)]
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "predictions": results}, indent=2))
@@ -1990,35 +2178,58 @@ def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help=help)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except an absent one (None) or a switch's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmnist", description="A Fashion-MNIST MLP in NumPy, from scratch, as pure functions.")
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = Config()
-    train = commands.add_parser("train", help="train the report's MLP and evaluate it",
-                                description="Train on the shipped data with the report's recipe "
-                                            "(every default below is the report's value).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--hidden", type=_hidden_sizes, default=d.hidden,
-                       help="hidden layer widths, comma-separated")
-    train.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate on hidden layers")
-    train.add_argument("--l2", type=float, default=d.l2, help="L2 strength lambda")
-    train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    train.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
-    train.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
-    train.add_argument("--eps", type=float, default=d.eps, help="Adam epsilon")
-    train.add_argument("--batch-size", type=_whole_number, default=d.batch_size, help="mini-batch size")
-    train.add_argument("--epochs", type=_whole_number, default=d.epochs, help="maximum epochs")
-    train.add_argument("--patience", type=_whole_number, default=d.patience,
-                       help="early stopping: epochs without a better validation accuracy "
-                            "(0: never stop early)")
-    train.add_argument("--seed", type=_whole_number, default=d.seed,
-                       help="seed for initialisation, shuffling and dropout")
-    train.add_argument("--split-seed", type=_whole_number, default=d.split_seed,
-                       help="seed of the train/validation permutation")
-    train.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="floating-point type")
-    train.add_argument("--limit", type=_whole_number, default=None,
+    train = commands.add_parser(
+        "train", help="train the MLP and evaluate it",
+        description="Train on the shipped data with the report's recipe, or with --recipe best "
+                    "(README: \"How far can an MLP go\"). A flag given explicitly overrides the "
+                    "recipe's value; each flag's help shows both recipes' values.",
+        formatter_class=_HelpFormatter)
+    train.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                       help="starting values of every hyperparameter: the report's (the "
+                            "default) or the best found here")
+
+    def hyper(flag: str, help: str, **kw: Any) -> None:
+        name = flag[2:].replace("-", "_")
+        values = "; ".join(f"{recipe}: {_flag_value(getattr(c, name))}" for recipe, c in RECIPES.items())
+        train.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} ({values})", **kw)
+    hyper("--hidden", "hidden layer widths, comma-separated", type=_hidden_sizes)
+    hyper("--dropout", "dropout rate on hidden layers", type=float)
+    hyper("--l2", "L2 strength lambda", type=float)
+    hyper("--lr", "Adam learning rate", type=float)
+    hyper("--lr-schedule", "learning rate schedule", choices=SCHEDULES)
+    hyper("--beta1", "Adam beta1", type=float)
+    hyper("--beta2", "Adam beta2", type=float)
+    hyper("--eps", "Adam epsilon", type=float)
+    hyper("--batch-size", "mini-batch size", type=_whole_number)
+    hyper("--epochs", "maximum epochs", type=_whole_number)
+    hyper("--patience", "early stopping: epochs without a better validation accuracy "
+                        "(0: never stop early)", type=_whole_number)
+    hyper("--flip", "probability of mirroring a training image", type=float)
+    hyper("--shift", "random shifts of training images, up to this many pixels", type=_whole_number)
+    hyper("--label-smoothing", "weight of the uniform distribution in the targets", type=float)
+    hyper("--average", "evaluate a running average of the weights, with this decay per epoch "
+                       "(0: off)", type=float)
+    hyper("--flip-average", "predict from each image and its mirror image",
+          action=argparse.BooleanOptionalAction)
+    hyper("--seed", "seed for initialisation, shuffling, augmentation and dropout",
+          type=_whole_number)
+    hyper("--split-seed", "seed of the train/validation permutation", type=_whole_number)
+    hyper("--dtype", "floating-point type", choices=DTYPES)
+    train.add_argument("--limit", type=_whole_number, default=argparse.SUPPRESS,
                        help="train on the first N training images only (quick tries)")
     _data_dir_flag(train)
     train.add_argument("--out", type=Path, default=None,
@@ -2029,9 +2240,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last saved epoch, "
                             "with its stored settings (the result is bit-identical)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate_cmd = commands.add_parser("evaluate", help="evaluate a saved checkpoint",
+    evaluate_cmd = commands.add_parser("evaluate", help="evaluate a saved checkpoint or an ensemble",
                                        description="Print the full evaluation of a checkpoint.")
-    evaluate_cmd.add_argument("checkpoint", type=Path, help="a best.npz written by train")
+    evaluate_cmd.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
+                              help="a best.npz written by train; several are evaluated as an "
+                                   "ensemble (the mean of their predicted distributions)")
     _data_dir_flag(evaluate_cmd)
     report_cmd = commands.add_parser("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
@@ -2059,7 +2272,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a small random float64 network (784 inputs, 10 classes), and print for "
                     "every parameter the largest relative error between backward and central "
                     "finite differences of the loss (cross-entropy + L2, one fixed dropout mask).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     gradcheck_cmd.add_argument("--hidden", type=_hidden_sizes, default=(8, 6),
                                help="hidden layer widths, comma-separated")
     gradcheck_cmd.add_argument("--batch", type=_whole_number, default=4, help="batch size")
@@ -2070,7 +2283,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch the four official files into --data-dir, with torchvision if it is "
                     "installed, else from the mirror with the standard library; checksums are "
                     "verified before a file is written. Files already valid are kept.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     _data_dir_flag(download_cmd, "where to put the files")
     download_cmd.add_argument("--mirror", default=MIRROR,
                               help="base URL of the .gz files (without torchvision)")
@@ -2079,9 +2292,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def given_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyperparameter flags given on the command line (the others are absent from args)."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+    return {k: v for k, v in vars(args).items() if k in fields}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return dataclasses.replace(RECIPES[args.recipe or "report"], **given_hyperparameters(args))
+
+
+def _flag_value(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

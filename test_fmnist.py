@@ -1,8 +1,9 @@
 """Properties of fmnist.py, one claim per test; each docstring says why the claim must hold.
 
 Gradient checks and softmax stability live in test_gradients.py; this file covers everything else:
-initialisation, purity, Adam, dropout, training, early stopping, resuming, metrics, the split, the
-real data, the loader, checkpoints, determinism, the command line, bad input (every error is one
+initialisation, purity, Adam, dropout, augmentation, training (with its learning-rate schedule and
+weight averaging), early stopping, resuming, metrics, the split, the real data, the loader,
+checkpoints, determinism, the command line (recipes included), bad input (every error is one
 clear line and nothing is lost) and the user's tour (pictures, report, predict, gradcheck,
 download). Hypothesis is used where a property ranges over inputs; a worked example is used where
 it is clearer. The real data is loaded once per module; networks and subsets are kept small.
@@ -224,12 +225,35 @@ def _call_train_epoch():
     return train_epoch, (params, adam_init(params), x, y, config, 3)
 
 
+def _call_train_epoch_with_every_option():
+    """Augmentation needs whole 28 x 28 images, so 784 inputs here."""
+    config = Config(hidden=(8,), batch_size=4, dtype="float64", lr_schedule="cosine", flip=0.5,
+                    shift=1, label_smoothing=0.1, average=0.5, flip_average=True)
+    params = writable(init_params(config.layer_sizes, seed=1, dtype="float64"))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 784)), rng.integers(0, 10, size=10)
+    return train_epoch, (params, adam_init(params), x, y, config, 3)
+
+
+def _call_augment():
+    x = np.random.default_rng(0).normal(size=(6, 784))
+    return fmnist.augment, (x, np.random.default_rng(1), 0.5, 2)
+
+
+def _call_average_params():
+    average = init_params((12, 8, 4), seed=1, dtype="float64")
+    return fmnist.average_params, (average, init_params((12, 8, 4), seed=2, dtype="float64"), 0.9)
+
+
 PURE_CALLS = {   # name -> () -> (function, fresh writable arguments)
     "init_params": lambda: (init_params, ([12, 8, 4], 3, "float64")),
     "forward": _call_forward,
     "backward": _call_backward,
     "adam_step": _call_adam_step,
     "train_epoch": _call_train_epoch,
+    "train_epoch (all options)": _call_train_epoch_with_every_option,
+    "augment": _call_augment,
+    "average_params": _call_average_params,
     "evaluate": lambda: (evaluate, _setup()[:3]),
     "predict_logits": lambda: (predict_logits, (_setup()[0], _setup()[1], 3)),
     "dropout_masks": lambda: (dropout_masks, (5, 16, [8, 5], 0.25)),
@@ -248,7 +272,8 @@ def test_public_functions_leave_their_inputs_unchanged(name):
 
 
 @pytest.mark.parametrize("name", ["init_params", "forward", "backward", "adam_step", "train_epoch",
-                                  "evaluate", "dropout_masks", "make_splits"])
+                                  "train_epoch (all options)", "evaluate", "dropout_masks",
+                                  "make_splits", "augment", "average_params"])
 def test_returned_arrays_are_read_only(name):
     """Read-only results turn 'never writes into its inputs' into a check for every later caller."""
     fn, args = PURE_CALLS[name]()
@@ -471,6 +496,99 @@ def test_dropout_masks_are_reproducible_from_the_seed():
 
 
 # ================================================================================================
+# Augmentation: mirror images and shifts
+# ================================================================================================
+
+def random_images(seed, n, dtype="float64"):
+    """n random (n, 784) 'images': no two pixels alike (almost surely), so no translation or
+    mirror image of one can equal another by accident."""
+    return np.random.default_rng(seed).normal(size=(n, 784)).astype(dtype)
+
+
+def translated(image, dy, dx):
+    """A (28, 28) image moved dy pixels down and dx right, background filling what moves in:
+    written with slices, independently of fmnist's pad-and-crop."""
+    out = np.full((28, 28), image.dtype.type(fmnist.BACKGROUND))
+    out[max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
+        image[max(-dy, 0):28 + min(-dy, 0), max(-dx, 0):28 + min(-dx, 0)]
+    return out
+
+
+def explain_augmented(original, augmented, shift):
+    """(mirrored, dy, dx) for every way `augmented` (784,) is a translation, by at most `shift`
+    pixels each way, of `original` (784,) or of its mirror image."""
+    image = original.reshape(28, 28)
+    return [(mirrored, dy, dx) for mirrored in (False, True)
+            for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)
+            if np.array_equal(translated(image[:, ::-1] if mirrored else image, dy, dx),
+                              augmented.reshape(28, 28))]
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), dtype=st.sampled_from(["float32", "float64"]))
+def test_mirror_reverses_each_row_of_pixels_and_is_its_own_inverse(seed, n, dtype):
+    """mirror swaps left and right (pixel (r, c) goes to (r, 27 - c)), so mirroring twice gives
+    back the images bit for bit; and it returns a new array, never a view that aliases x."""
+    x = random_images(seed, n, dtype)
+    m = fmnist.mirror(x)
+    assert m.shape == x.shape and m.dtype == x.dtype and not np.shares_memory(m, x)
+    assert np.array_equal(m.reshape(n, 28, 28), x.reshape(n, 28, 28)[:, :, ::-1])
+    assert np.array_equal(fmnist.mirror(m), x)
+
+
+def test_augment_off_returns_x_itself_and_draws_nothing():
+    """With flip 0 and shift 0 (the report's recipe) augment must be invisible: the same array
+    back, and the generator untouched, so that the epoch's shuffle and dropout masks that follow
+    are drawn exactly as before augmentation existed."""
+    x, rng = random_images(0, 4), np.random.default_rng(5)
+    before = rng.bit_generator.state
+    assert fmnist.augment(x, rng) is x
+    assert fmnist.augment(x, rng, flip=0.0, shift=0) is x
+    assert rng.bit_generator.state == before
+    fmnist.augment(x, rng, flip=0.5)                   # and when on, it does draw from rng
+    assert rng.bit_generator.state != before
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 6), dtype=st.sampled_from(["float32", "float64"]),
+       flip=st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 1), shift=st.integers(0, fmnist.MAX_SHIFT))
+def test_augment_returns_a_mirror_image_and_translation_of_each_image(seed, n, dtype, flip, shift):
+    """Each output image is the input image, or its mirror image, moved by at most `shift` pixels
+    down and across, with background brought in: no pixel is invented, lost in place, rescaled or
+    taken from another image. flip 0 never mirrors, flip 1 always does; shift 0 never moves.
+    The result is a new read-only array of x's shape and dtype, x is left alone, and the same
+    seed gives the same result (an epoch must replay bit for bit)."""
+    if not flip and not shift:
+        flip = 1.0                                     # the no-op case has its own test
+    x = random_images(seed, n, dtype)
+    before = x.copy()
+    out = fmnist.augment(x, np.random.default_rng(seed), flip, shift)
+    assert out.shape == x.shape and out.dtype == x.dtype and not np.shares_memory(out, x)
+    assert not out.flags.writeable
+    assert np.array_equal(x, before)
+    assert np.array_equal(fmnist.augment(x, np.random.default_rng(seed), flip, shift), out)
+    for original, augmented in zip(x, out):
+        ways = explain_augmented(original, augmented, shift)
+        assert len(ways) == 1, ways                    # random pixels: one explanation at most
+        mirrored, dy, dx = ways[0]
+        assert max(abs(dy), abs(dx)) <= shift
+        if flip in (0, 1):
+            assert mirrored == (flip == 1)
+
+
+def test_augment_draws_every_offset_and_mirrors_about_half_the_images():
+    """Over 400 images (one fixed seed), shift 1 must use all 9 offsets, and flip 0.5 must mirror
+    some but not all: 200 +- 50 is over 5 standard deviations of Binomial(400, 0.5) wide. The
+    black fill is what normalise makes of a black pixel (0), not 0.0, which is a grey pixel."""
+    x = random_images(1, 400, "float32")
+    out = fmnist.augment(x, np.random.default_rng(2), flip=0.5, shift=1)
+    ways = [explain_augmented(a, b, 1) for a, b in zip(x, out)]
+    assert all(len(w) == 1 for w in ways)
+    assert {(dy, dx) for [(_, dy, dx)] in ways} == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert 150 <= sum(mirrored for [(mirrored, _, _)] in ways) <= 250
+    black = normalise(np.zeros((1, 28, 28), np.uint8), "float32")[0, 0]
+    assert black == np.float32(fmnist.BACKGROUND) != 0
+
+
+# ================================================================================================
 # Training
 # ================================================================================================
 
@@ -581,6 +699,89 @@ def test_train_epoch_same_seed_bit_identical_other_seed_differs(raw):
     start = init_params(config.layer_sizes, config.seed)     # same start: shuffle and dropout differ
     assert bits(one_epoch(other, start)) != bits(a)
     assert bits(one_epoch(config, start, epoch=2)) != bits(a)
+
+
+@given(lr=st.floats(1e-6, 1.0), epochs=st.integers(1, 30), steps=st.integers(1, 40))
+def test_constant_learning_rate_is_exactly_lr_at_every_step(lr, epochs, steps):
+    """The report's recipe: Adam's lr is config.lr itself at every step, not a number computed
+    from it that could differ in the last bit (and move every trained parameter with it)."""
+    config = Config(lr=lr, epochs=epochs)
+    assert all(fmnist.learning_rate(config, t, steps) == lr for t in range(1, epochs * steps + 3))
+
+
+@given(lr=st.floats(1e-6, 1.0), epochs=st.integers(1, 30), steps=st.integers(1, 40))
+def test_cosine_learning_rate_falls_from_lr_to_zero_over_the_run(lr, epochs, steps):
+    """Cosine decay over the T = epochs * steps Adam steps of a full run: exactly lr at step 1,
+    never rising, never negative, point-symmetric about the middle (rate(t) + rate(T + 2 - t) = lr,
+    so about lr / 2 half-way), below lr * pi^2 / (4 T^2) at the last step (1 - cos a <= a^2 / 2),
+    and 0 from step T + 1 on (a run resumed past its end must not see the cosine rise again)."""
+    config = Config(lr=lr, epochs=epochs, lr_schedule="cosine")
+    T = epochs * steps
+    rates = np.array([fmnist.learning_rate(config, t, steps) for t in range(1, T + 4)])   # steps 1..T+3
+    tiny = 4 * np.finfo(float).eps * lr
+    assert rates[0] == lr
+    assert (np.diff(rates) <= 0).all() and (rates >= 0).all()
+    np.testing.assert_allclose(rates[:T + 1] + rates[:T + 1][::-1], lr, rtol=0, atol=tiny)
+    assert abs(rates[T // 2] - lr / 2) <= lr * math.pi / (4 * T) + tiny     # step T//2 + 1: middle
+    assert rates[T - 1] <= lr * math.pi ** 2 / (4 * T ** 2) + tiny
+    assert (rates[T:] == 0).all()
+
+
+def _two_params(data):
+    """Two float64 Params of the same network: a running average and new parameters."""
+    average = data.draw(networks())
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    return average, average.like(rng.normal(0, 1, average.flat.shape))
+
+
+@given(data=st.data(), decay=st.floats(0, 1, exclude_max=True))
+def test_average_params_is_a_weighted_mean_between_the_average_and_the_params(data, decay):
+    """average_params = decay * average + (1 - decay) * params, elementwise: each number lies
+    between its two sources (within a rounding), decay 0 gives params itself, and the result is a
+    new read-only Params of the same names and shapes, its inputs left as they were."""
+    average, params = _two_params(data)
+    before = bits(average), bits(params)
+    result = fmnist.average_params(average, params, decay)
+    assert (bits(average), bits(params)) == before
+    assert isinstance(result, Params) and result.shapes == params.shapes
+    assert result.flat.dtype == params.flat.dtype and not result.flat.flags.writeable
+    a, p, r = average.flat, params.flat, result.flat
+    slack = 4 * np.finfo(float).eps * np.maximum(np.abs(a), np.abs(p))
+    assert ((np.minimum(a, p) - slack <= r) & (r <= np.maximum(a, p) + slack)).all()
+    np.testing.assert_allclose(r, decay * a + (1 - decay) * p, rtol=1e-14, atol=1e-300)
+    assert np.array_equal(fmnist.average_params(average, params, 0.0).flat, p)
+
+
+def test_average_params_refuses_parameters_of_another_network():
+    """An average of two different architectures is meaningless: refused, naming both shapes."""
+    a, b = init_params((6, 5, 3), 0), init_params((6, 4, 3), 0)
+    with pytest.raises(ValueError, match=r"\(6, 5\).*\(6, 4\)"):
+        fmnist.average_params(a, b, 0.5)
+
+
+def test_fit_with_average_evaluates_the_running_average_and_trains_the_params(raw):
+    """With config.average = d, what fit evaluates (state.model) is the running average of the
+    epochs' parameters: the parameters themselves after epoch 1, then average_params(previous
+    model, params, d). Training goes on from the parameters, untouched by the average, so they
+    are bit-identical to a run without averaging. The validation figures in each record are the
+    model's (with flip averaging, as configured), and best_params is the model of the best epoch."""
+    config = Config(hidden=(16,), epochs=3, patience=0, batch_size=64, limit=500,
+                    average=0.75, flip_average=True)       # not 0.5: d and 1 - d must differ
+    splits = _tiny_splits(raw, 500, 300)
+    run = list(fit(splits, config))
+    plain = [s for s, _ in fit(splits, dataclasses.replace(config, average=0.0))]
+    states, history = [s for s, _ in run], [r for _, r in run]
+    assert bits(states[0].model) == bits(states[0].params)
+    for previous, state in zip(states, states[1:]):
+        expected = fmnist.average_params(previous.model, state.params, config.average)
+        assert bits(state.model) == bits(expected)
+        assert bits(state.model) != bits(state.params)
+    for state, record, unaveraged in zip(states, history, plain):
+        assert bits(state.params) == bits(unaveraged.params)
+        ev = evaluate(state.model, splits.x_val, splits.y_val, flip_average=True)
+        assert (ev.correct, ev.loss) == (record["val_correct"], record["val_loss"])
+    final = states[-1]
+    assert bits(final.best_params) == bits(states[final.best.epoch - 1].model)
 
 
 # ================================================================================================
@@ -1017,9 +1218,172 @@ def test_cli_help_works_for_each_command(command):
     """--help is how a user finds the flags; it must work everywhere and list them."""
     proc = run_cli(*command, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fmnist"), proc.stderr
-    expected = {"": ["train", "evaluate"], "train": ["--lr", "--dropout", "--hidden", "--limit", "--force"],
+    expected = {"": ["train", "evaluate"],
+                "train": ["--lr", "--dropout", "--hidden", "--limit", "--force", "--recipe",
+                          "--lr-schedule", "--flip", "--shift", "--label-smoothing", "--average",
+                          "--flip-average", "--no-flip-average"],
                 "evaluate": ["checkpoint", "--data-dir"]}["".join(command)]
     assert all(e in proc.stdout for e in expected), proc.stdout
+
+
+BEST_TINY = ("--recipe", "best", "--limit", 500, "--epochs", 1, "--hidden", 16)
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory):
+    """`train --recipe best`, made tiny by explicit flags (500 images, 1 epoch, 16 units)."""
+    out = tmp_path_factory.mktemp("best") / "run"
+    proc = run_cli("train", *BEST_TINY, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_cli_recipe_best_trains_with_the_recipe_under_the_explicit_flags(best_run, raw, capsys):
+    """--recipe best sets every hyperparameter to the best recipe's value, and each flag given
+    explicitly overrides just its own: config.json shows both. What was evaluated is what the
+    recipe says (flip-averaged), so re-evaluating best.npz with flip averaging reproduces the
+    validation accuracy, and `evaluate` prints the run's test figures (it must flip-average too,
+    from the checkpoint's config); state.npz holds the arrays the config calls for, and
+    report.md says how to repeat the run."""
+    config = dataclasses.replace(fmnist.RECIPES["best"], hidden=(16,), epochs=1, limit=500)
+    saved = json.loads((best_run / "config.json").read_text())
+    assert saved == config.to_json()
+    assert (saved["flip"], saved["lr_schedule"], saved["flip_average"], saved["hidden"]) == \
+        (0.5, "cosine", True, [16])
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    params, loaded, _ = load_checkpoint(best_run / "best.npz")
+    assert loaded == config
+    splits = make_splits(raw, config)
+    assert evaluate(params, splits.x_val, splits.y_val, flip_average=True).accuracy == \
+        metrics["val_accuracy"]
+    with np.load(best_run / "state.npz") as state:                    # "model" if averaging
+        assert set(state.files) == {*fmnist.state_arrays(config), "meta"}
+    assert fmnist.main(["evaluate", str(best_run / "best.npz")]) == 0
+    assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
+                     capsys.readouterr().out)
+    assert "python fmnist.py train --recipe best --hidden 16 --epochs 1 --limit 500" in \
+        (best_run / "report.md").read_text()
+
+
+@given(seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=4),
+       scale=st.sampled_from([1.0, 1e3, 1e30]))
+def test_an_ensemble_predicts_the_mean_of_its_members_distributions(seeds, scale):
+    """ensemble_logits are log-probabilities whose softmax is the members' mean distribution, even
+    for members so confident that their probabilities underflow in float32 (scale 1e30: logits
+    of 1e30), and an ensemble of one network is that network's log_softmax."""
+    x = np.random.default_rng(seeds[0]).normal(size=(7, 784)).astype(np.float32)   # (7, 784)
+    models = []
+    for seed in seeds:
+        arrays = {k: np.array(a) for k, a in init_params((784, 8, 10), seed).items()}
+        arrays["W2"] *= np.float32(scale)
+        models.append(Params.from_arrays(arrays))
+    z = fmnist.ensemble_logits(models, x)                                           # (7, 10)
+    assert np.isfinite(z).all()
+    members = [fmnist.softmax(predict_logits(p, x).astype(np.float64)) for p in models]
+    np.testing.assert_allclose(np.exp(z.astype(np.float64)), np.mean(members, axis=0), atol=1e-6)
+    if len(models) == 1:
+        np.testing.assert_allclose(z, fmnist.log_softmax(predict_logits(models[0], x)), atol=1e-6)
+
+
+def test_evaluate_scores_an_ensemble_by_its_mean_prediction(raw):
+    """evaluate([a, b]) predicts argmax of the mean of a's and b's distributions; an ensemble of
+    one network, or of a network with itself, scores exactly as the network; an empty ensemble
+    is refused."""
+    splits = make_splits(raw, Config(limit=100))
+    x, y = splits.x_val[:500], splits.y_val[:500]
+    a, b = (init_params((784, 32, 10), seed) for seed in (1, 2))
+    mean = (fmnist.softmax(predict_logits(a, x).astype(np.float64))
+            + fmnist.softmax(predict_logits(b, x).astype(np.float64))) / 2
+    assert np.array_equal(evaluate([a, b], x, y).predictions, mean.argmax(axis=1))
+    single = evaluate(a, x, y)
+    for ensemble in ([a], [a, a]):
+        ev = evaluate(ensemble, x, y)
+        assert ev.correct == single.correct
+        assert ev.loss == pytest.approx(single.loss, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one network"):
+        evaluate([], x, y)
+
+
+def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, tmp_path, capsys):
+    """`evaluate A B` names both and scores their ensemble: a checkpoint with itself scores as the
+    checkpoint alone. Members trained on another split cannot form an ensemble."""
+    ckpt = str(best_run / "best.npz")
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    assert fmnist.main(["evaluate", ckpt, ckpt]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"checkpoint {ckpt}:") == 2 and "ensemble of 2" in out
+    assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
+                     out)
+    params, config, _ = load_checkpoint(ckpt)
+    other = tmp_path / "other.npz"
+    fmnist.save_checkpoint(other, params, dataclasses.replace(config, split_seed=7))
+    proc = run_cli("evaluate", ckpt, other)
+    assert proc.returncode == 1
+    assert "split or dtype differs" in proc.stderr and str(other) in proc.stderr
+
+
+def train_config(*argv) -> Config:
+    """The Config that `fmnist.py train ARGV` would train, parsed as main parses it."""
+    return fmnist.config_from_args(fmnist.parse_args(fmnist.build_parser(), ["train", *map(str, argv)]))
+
+
+BEST = fmnist.RECIPES["best"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], Config()),
+    (["--recipe", "report"], Config()),
+    (["--recipe", "best"], BEST),
+    (["--recipe", "best", "--flip", "0"], dataclasses.replace(BEST, flip=0.0)),
+    (["--recipe", "best", "--no-flip-average", "--lr-schedule", "constant"],
+     dataclasses.replace(BEST, flip_average=False, lr_schedule="constant")),
+    (["--hidden", "64", "--recipe", "best", "--average", "0.9"],
+     dataclasses.replace(BEST, hidden=(64,), average=0.9)),
+    (["--flip-average", "--shift", "2", "--label-smoothing", "0.1"],
+     Config(flip_average=True, shift=2, label_smoothing=0.1)),
+    (["--recipe", "best", "--dropout", str(BEST.dropout)], BEST),    # the recipe's value, again
+], ids=str)
+def test_explicit_flags_override_the_recipe_and_nothing_else(argv, expected):
+    """A flag not given keeps the recipe's value (flags default to 'absent', not to the report's
+    values, or `--recipe best` would be silently undone by every default); a flag given wins,
+    wherever it stands on the line."""
+    assert train_config(*argv) == expected
+
+
+def test_train_command_is_the_shortest_line_that_repeats_the_config():
+    """report.md's "Reproduce" line: the bare command for the report's recipe, --recipe best for
+    the best one, and from whichever recipe is nearer, only the flags that differ."""
+    assert fmnist._train_command(Config()) == "python fmnist.py train"
+    assert fmnist._train_command(BEST) == "python fmnist.py train --recipe best"
+    assert fmnist._train_command(dataclasses.replace(BEST, seed=7, flip_average=False)) == \
+        "python fmnist.py train --recipe best --seed 7 --no-flip-average"
+    assert fmnist._train_command(Config(seed=7, flip_average=True)) == \
+        "python fmnist.py train --seed 7 --flip-average"
+
+
+@st.composite
+def configs(draw) -> Config:
+    """A recipe with a few of its fields changed to other valid values (val_size excepted: it
+    has no flag)."""
+    changes = draw(st.fixed_dictionaries({}, optional={
+        "hidden": st.lists(st.integers(1, 2048), min_size=1, max_size=4).map(tuple),
+        "dropout": st.floats(0, 1, exclude_max=True), "l2": st.floats(0, 1e-2),
+        "lr": st.floats(1e-6, 1), "batch_size": st.integers(1, 512), "epochs": st.integers(1, 200),
+        "patience": st.integers(0, 20), "seed": st.integers(0, 2**32 - 1),
+        "dtype": st.sampled_from(["float32", "float64"]), "limit": st.none() | st.integers(1, 50_000),
+        "lr_schedule": st.sampled_from(["constant", "cosine"]), "flip": st.floats(0, 1),
+        "shift": st.integers(0, fmnist.MAX_SHIFT), "label_smoothing": st.floats(0, 1, exclude_max=True),
+        "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans()}))
+    return dataclasses.replace(fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))], **changes)
+
+
+@given(config=configs())
+def test_train_command_parses_back_to_the_same_config(config):
+    """Whatever the config, running the printed command trains that config again: its flags,
+    parsed as main parses them, give back an equal Config (floats print and parse exactly)."""
+    command = fmnist._train_command(config)
+    assert command.startswith("python fmnist.py train")
+    assert train_config(*command.split()[3:]) == config
 
 
 # ================================================================================================
@@ -1043,6 +1407,67 @@ def test_fit_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
                  (straight.opt_state.m, resumed.opt_state.m), (straight.opt_state.v, resumed.opt_state.v)):
         assert bits(a) == bits(b)
     assert straight.best == resumed.best and straight.opt_state.step == resumed.opt_state.step
+
+
+def test_fit_with_every_option_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
+    """The same with every new option on. The running average is state too: it cannot be
+    recomputed from the parameters, so save_state must store it (as "model") and load_state give
+    it back, or the resumed run would restart the average from the current parameters. The run
+    is cut after epoch 2 of the same 4-epoch config, as Ctrl-C would (the cosine schedule
+    depends on config.epochs, so a 2-epoch config would train differently)."""
+    config = Config(hidden=(32, 16), epochs=4, limit=600, lr_schedule="cosine", flip=0.5, shift=1,
+                    label_smoothing=0.1, average=0.6, flip_average=True)
+    splits = _tiny_splits(raw, 600, 300)
+    straight = list(fit(splits, config))
+    history = []
+    for state, record in fit(splits, config):
+        history.append(record)
+        if state.epoch == 2:
+            break
+    fmnist.save_state(tmp_path / "state.npz", state, config, history)
+    with np.load(tmp_path / "state.npz") as saved:
+        assert set(saved.files) == {"params", "m", "v", "best_params", "model", "meta"}
+    loaded, loaded_config, loaded_history = fmnist.load_state(tmp_path / "state.npz")
+    assert loaded_config == config and loaded_history == history and loaded.epoch == 2
+    assert bits(loaded.model) == bits(state.model) != bits(loaded.params)
+    resumed = list(fit(splits, config, loaded))
+    assert len(resumed) == 2
+    for (a, ra), (b, rb) in zip(straight[2:], resumed):
+        for name in ("params", "best_params", "model"):
+            assert bits(getattr(a, name)) == bits(getattr(b, name)), (a.epoch, name)
+        assert bits(a.opt_state.m) == bits(b.opt_state.m) and bits(a.opt_state.v) == bits(b.opt_state.v)
+        assert (a.best, a.opt_state.step) == (b.best, b.opt_state.step)
+        assert {**ra, "seconds": 0} == {**rb, "seconds": 0}
+
+
+@pytest.mark.parametrize("argv", [["--recipe", "best"], ["--recipe", "report"], ["--flip", "0.5"],
+                                  ["--no-flip-average"], ["--lr-schedule", "cosine"], ["--limit", "100"]],
+                         ids=" ".join)
+def test_cli_resume_refuses_a_recipe_or_hyperparameters(tmp_path, capsys, argv):
+    """--resume continues with the settings stored in state.npz; a recipe or a flag beside it
+    would be silently ignored, or worse, change the run half-way. So it is refused: exit 1 and
+    one line (`fmnist: error: ...`, raised after parsing, like the other run-directory errors),
+    and the run directory left exactly as it was."""
+    config = Config(hidden=(4,), limit=100)
+    fmnist.save_state(tmp_path / "state.npz", fmnist.initial_state(config), config, [])
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    assert fmnist.main(["train", "--resume", str(tmp_path), *argv]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("fmnist: error: --resume continues a run with its stored settings; "
+                            "do not pass a recipe or hyperparameters with it\n")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+
+
+def test_the_report_recipe_is_the_default_config_with_every_new_option_off():
+    """The report's numbers must not move: RECIPES["report"] is Config(), every option added
+    since is off by default, and its state file holds exactly the arrays it always held."""
+    assert fmnist.RECIPES["report"] == Config()
+    d = Config()
+    assert (d.lr_schedule, d.flip, d.shift, d.label_smoothing, d.average, d.flip_average) == \
+        ("constant", 0.0, 0, 0.0, 0.0, False)
+    assert fmnist.state_arrays(d) == ("params", "m", "v", "best_params")
+    assert fmnist.state_arrays(Config(average=0.5)) == ("params", "m", "v", "best_params", "model")
 
 
 def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -1099,6 +1524,40 @@ def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
     assert bits(fast_params) == bits(params)
     assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
     assert fast_state.step == state.step == 5
+    assert stats == (sum(losses) / len(y), correct / len(y))
+
+
+def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
+    """The same check with augmentation, label smoothing and the cosine schedule all on, in an
+    epoch after the first (so the schedule must count Adam steps over the whole run, not within
+    the epoch): per batch, augment then the dropout masks draw from the epoch's generator in that
+    order, backward gets the smoothing, and Adam step t gets learning_rate(config, t, steps).
+    (The test above is the report's recipe: there augment draws nothing and lr is constant.)
+    The statistics stay the plain cross-entropy of the augmented batch: smoothing is a training
+    target, not the measure reported."""
+    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230, epochs=3,
+                    lr_schedule="cosine", flip=0.5, shift=2, label_smoothing=0.2)
+    splits = _tiny_splits(raw, 230, 10)
+    x, y = splits.x_train, splits.y_train
+    params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
+                                   adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
+    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
+    rng = np.random.default_rng([config.seed, 2])
+    steps = 5                                                  # ceil(230 / 50)
+    losses, correct = [], 0
+    for idx in fmnist.batches(len(y), config.batch_size, rng):
+        xb = fmnist.augment(x[idx], rng, config.flip, config.shift)
+        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
+        logits, cache = forward(params, xb, masks)
+        grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
+        lr = fmnist.learning_rate(config, state.step + 1, steps)
+        params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
+                                  config.eps, config.l2)
+        losses.append(cross_entropy(logits, y[idx]) * len(idx))
+        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    assert bits(fast_params) == bits(params)
+    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
+    assert fast_state.step == state.step == 10
     assert stats == (sum(losses) / len(y), correct / len(y))
 
 
@@ -1767,6 +2226,18 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--l2 nan": (["--l2", "nan"], {"l2": math.nan}),
     "--limit 0": (["--limit", "0"], {"limit": 0}),
     "--limit 50001 (more than the training images)": (["--limit", "50001"], {"limit": 50_001}),
+    "--flip -0.1": (["--flip", "-0.1"], {"flip": -0.1}),
+    "--flip 1.5": (["--flip", "1.5"], {"flip": 1.5}),
+    "--flip nan": (["--flip", "nan"], {"flip": math.nan}),
+    "--shift -1": (["--shift", "-1"], {"shift": -1}),
+    "--shift 5 (more than MAX_SHIFT)": (["--shift", "5"], {"shift": fmnist.MAX_SHIFT + 1}),
+    "--label-smoothing 1": (["--label-smoothing", "1"], {"label_smoothing": 1.0}),
+    "--label-smoothing -0.1": (["--label-smoothing", "-0.1"], {"label_smoothing": -0.1}),
+    "--label-smoothing nan": (["--label-smoothing", "nan"], {"label_smoothing": math.nan}),
+    "--average 1": (["--average", "1"], {"average": 1.0}),
+    "--average -0.5": (["--average", "-0.5"], {"average": -0.5}),
+    "--average nan": (["--average", "nan"], {"average": math.nan}),
+    "--recipe best --flip 2": (["--recipe", "best", "--flip", "2"], {"flip": 2.0}),
 }
 
 
@@ -1795,9 +2266,11 @@ def test_cli_bad_hyperparameter_exits_2_with_the_api_message(tmp_path, capsys, c
     (["--dtype", "float16"], "--dtype"), (["--hidden", "512,,128"], "--hidden"),
     (["--hidden", "wide"], "--hidden"), (["--epochs", "2.5"], "--epochs"),
     (["--batch-size", "many"], "--batch-size"), (["--lr", "fast"], "--lr"),
-    (["--limit", "1e3"], "--limit"),
+    (["--limit", "1e3"], "--limit"), (["--lr-schedule", "linear"], "--lr-schedule"),
+    (["--shift", "1.5"], "--shift"), (["--recipe", "fast"], "--recipe"),
 ], ids=["--dtype float16", "--hidden 512,,128", "--hidden wide", "--epochs 2.5",
-        "--batch-size many", "--lr fast", "--limit 1e3"])
+        "--batch-size many", "--lr fast", "--limit 1e3", "--lr-schedule linear", "--shift 1.5",
+        "--recipe fast"])
 def test_cli_unparsable_argument_exits_2_naming_the_flag(tmp_path, capsys, argv, flag):
     """Argparse's own errors: the usage, then one line `fmnist train: error: argument FLAG: ...`."""
     err = _train_usage_error(argv, tmp_path, capsys)
@@ -1847,6 +2320,23 @@ def test_adam_step_refuses_an_infinite_learning_rate():
 def test_config_refuses_an_infinite_l2():
     with pytest.raises(ValueError, match="l2"):
         Config(l2=math.inf)
+
+
+def test_config_refuses_an_unknown_lr_schedule_naming_the_known_ones():
+    """The CLI's choices stop a typo there; an API caller gets the same list in a ValueError."""
+    with pytest.raises(ValueError, match="constant, cosine.*'linear'"):
+        Config(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("fields", [
+    {"flip": 0.0}, {"flip": 1.0}, {"shift": 0}, {"shift": fmnist.MAX_SHIFT},
+    {"label_smoothing": 0.0}, {"label_smoothing": 0.99}, {"average": 0.0}, {"average": 0.99},
+    {"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"flip_average": True},
+], ids=str)
+def test_config_accepts_the_ends_of_each_new_range(fields):
+    """The refusals above stop exactly at the ends of each range: flip 1 (always mirror) and the
+    largest shift are settings, not typos."""
+    assert all(getattr(Config(**fields), k) == v for k, v in fields.items())
 
 
 def test_init_params_refuses_an_unknown_dtype_with_the_config_message():

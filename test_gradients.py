@@ -8,7 +8,9 @@ hidden layers of width 1-8), so every single parameter is checked, not a sample 
 
 The second half checks the softmax and cross-entropy that feed backprop: they must survive logits
 that would overflow a naive `exp`, and the fused gradient `(softmax - onehot) / B` must have the
-structure that shift invariance forces on it (every row sums to zero).
+structure that shift invariance forces on it (every row sums to zero). Label smoothing (a softened
+target) and test-time mirror averaging (logits that are the log of a mean of two softmaxes) are
+checked against the same standards.
 
 Hypothesis draws the networks, batches, dropout masks and logits from the named strategies below;
 the number of examples comes from the profile in conftest.py (`HYPOTHESIS_PROFILE=heavy` for many).
@@ -129,6 +131,10 @@ def logits_and_labels(draw, dtype: str, bound: float) -> tuple[np.ndarray, np.nd
     return z, labels
 
 
+# Label smoothing strengths: 0 (no smoothing) to 0.5, far beyond the usual 0.1, so that a mistake
+# in how e enters the target or the gradient is large enough to see.
+smoothings = st.floats(0.0, 0.5)
+
 # The largest logits each dtype must survive: beyond exp's overflow point (88 in float32, 709 in
 # float64) by far, yet small enough that z - max(z) itself (up to 2 * bound) is still finite.
 EXTREME = {"float32": 1e4, "float64": 1e300}
@@ -172,20 +178,25 @@ def assert_gradients_match(analytic, numeric, loss_value: float) -> None:
                                    err_msg=f"d(total_loss)/d{name}: backward vs finite differences")
 
 
-def check_backward_against_finite_differences(case: Case) -> None:
+def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
     assume(distance_to_kink(case) > KINK_MARGIN)
 
     def loss(params):
-        return fm.total_loss(params, case.x, case.labels, case.l2, case.masks)
+        return fm.total_loss(params, case.x, case.labels, case.l2, case.masks, smoothing)
 
     _, cache = fm.forward(case.params, case.x, case.masks)
-    analytic = fm.backward(case.params, cache, case.labels, case.l2)
+    analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
     numeric = fm.numerical_gradient(loss, case.params, H)         # (L(p + h e_i) - L(p - h e_i)) / 2h
     assert_gradients_match(analytic, numeric, loss(case.params))
 
 
 def onehot(labels: np.ndarray, k: int) -> np.ndarray:
     return np.eye(k)[labels]                                             # (B, K)
+
+
+def smoothed_targets(labels: np.ndarray, k: int, smoothing: float) -> np.ndarray:
+    """The label-smoothing target T = (1 - e) onehot + e / K, written out here in float64."""
+    return (1.0 - smoothing) * onehot(labels, k) + smoothing / k         # (B, K)
 
 
 # ================================================================================================
@@ -215,6 +226,18 @@ def test_backward_matches_finite_differences_plain(case):
     or only the dropout or L2 additions to it.
     """
     check_backward_against_finite_differences(case)
+
+
+@given(case=small_networks(dropout=True, l2=True), smoothing=smoothings)
+def test_backward_with_label_smoothing_matches_finite_differences(case, smoothing):
+    """With label smoothing e, backward is still the derivative of the loss train_epoch minimises.
+
+    train_epoch calls backward(..., smoothing=e), and total_loss(..., smoothing=e) is the loss that
+    call claims to differentiate: cross-entropy against (1 - e) onehot + e / K, plus L2, with
+    dropout. Smoothing changes only the target, so only dZ_L's formula changes; if it changed
+    the wrong entries (the true class only, say, or divided e by B twice) this check sees it.
+    """
+    check_backward_against_finite_differences(case, smoothing)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -363,6 +386,65 @@ def test_softmax_survives_the_logits_that_break_the_naive_formula(dtype, z, labe
 
 
 # ================================================================================================
+# Label smoothing: cross-entropy against the target (1 - e) onehot + e / K
+# ================================================================================================
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_cross_entropy_with_smoothing_is_the_cross_entropy_of_the_smoothed_target(dtype, data):
+    """cross_entropy(z, y, e) = -mean_b sum_k T_bk log softmax(z)_bk with T the smoothed target,
+    and smoothing 0 is the plain cross-entropy exactly (the report's recipe must not move).
+
+    fmnist computes it as (1 - e)(-log p_y) + e mean_k(-log p_k), which is the same sum regrouped;
+    here T is written out as a matrix. Rounding: a few eps of the largest |log p| per term.
+    """
+    z, labels = data.draw(logits_and_labels(dtype, 50.0))
+    smoothing = data.draw(st.floats(0.0, 1.0, exclude_max=True), label="smoothing")
+    B, K = z.shape
+    log_p = fm.log_softmax(z).astype(np.float64)
+    expected = -(smoothed_targets(labels, K, smoothing) * log_p).sum(axis=1).mean()
+    tolerance = 4 * (B + K) * np.finfo(dtype).eps * (1 + np.abs(log_p).max())
+    assert abs(fm.cross_entropy(z, labels, smoothing) - expected) <= tolerance
+    assert fm.cross_entropy(z, labels, 0.0) == fm.cross_entropy(z, labels)
+
+
+@given(z_and_labels=logits_and_labels("float64", 50.0), smoothing=st.floats(1e-3, 0.99))
+def test_smoothed_cross_entropy_is_smallest_at_finite_logits_where_softmax_is_the_target(
+        z_and_labels, smoothing):
+    """Why smoothing curbs overconfidence: the loss is at least the entropy H(T) of the target
+    (Gibbs' inequality, -sum T log p >= -sum T log T), with equality at p = T, that is at the
+    finite logits z = log T. Plain cross-entropy only approaches its infimum 0 as the true logit
+    runs off to infinity, and so keeps rewarding ever larger logits; the smoothed loss does not.
+    """
+    z, labels = z_and_labels
+    B, K = z.shape
+    T = smoothed_targets(labels, K, smoothing)
+    entropy = -(T * np.log(T)).sum(axis=1).mean()
+    tolerance = 8 * (B + K) * EPS64 * (1 + np.abs(fm.log_softmax(z)).max() + np.abs(np.log(T)).max())
+    assert fm.cross_entropy(z, labels, smoothing) >= entropy - tolerance
+    assert abs(fm.cross_entropy(np.log(T), labels, smoothing) - entropy) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_cross_entropy_with_smoothing_of_extreme_logits_is_finite_and_bounded(dtype, data):
+    """Smoothing adds e mean_k(-log p_k), which involves the *least* likely classes too, whose
+    -log p (up to 2e300 in float64) a clipped or log(softmax) implementation would turn into inf.
+    Each -log p_k <= log K + (max - z_k), so the loss stays in [0, log K + mean sum_k T_k (max - z_k)].
+    """
+    z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
+    smoothing = data.draw(st.floats(0.0, 1.0, exclude_max=True), label="smoothing")
+    loss = fm.cross_entropy(z, labels, smoothing)
+    assert np.isfinite(loss) and loss >= 0
+    B, K = z.shape
+    z64 = z.astype(np.float64)
+    gaps = z64.max(axis=1, keepdims=True) - z64                          # (B, K), >= 0
+    bound = np.log(K) + (smoothed_targets(labels, K, smoothing) * gaps).sum(axis=1).mean()
+    assert loss <= bound + 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+
+
+# ================================================================================================
 # The cross-entropy gradient (softmax - onehot) / B, and what shift invariance forces on it
 # ================================================================================================
 
@@ -405,6 +487,27 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels)
     np.testing.assert_allclose(numeric, expected, rtol=FD_RTOL, atol=atol)
 
 
+def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
+    """db_L and dW_L - 2 lambda W_L from backward against dZ_L = (softmax - T) / B, recomputed in
+    float64 from the logits, and their sums over the classes against zero."""
+    params, B = case.params, len(case.labels)
+    dtype = params.flat.dtype
+    L = len(params) // 2
+    logits, cache = fm.forward(params, case.x, case.masks)
+    grads = fm.backward(params, cache, case.labels, case.l2, smoothing)
+    K = logits.shape[1]
+    target = smoothed_targets(case.labels, K, smoothing)                         # onehot at e = 0
+    dz = (fm.softmax(logits.astype(np.float64)) - target) / B                    # (B, K)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(grads[f"b{L}"], dz.sum(axis=0), rtol=0, atol=4 * K * eps)
+    assert abs(grads[f"b{L}"].astype(np.float64).sum()) <= 4 * K * eps
+    data_part = grads[f"W{L}"].astype(np.float64) - 2 * case.l2 * params[f"W{L}"].astype(np.float64)
+    Z = hidden_preactivations(params, case.x, case.masks)[-1]                    # (B, n_{L-1})
+    A = np.maximum(Z, 0) * (1.0 if case.masks is None else case.masks[-1])      # input of layer L
+    scale = np.abs(A).max() + np.abs(params[f"W{L}"]).max()
+    np.testing.assert_allclose(data_part.sum(axis=1), 0.0, rtol=0, atol=8 * K * eps * (1 + scale))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
 def test_output_layer_gradients_inherit_the_zero_row_sums(dtype, data):
@@ -416,18 +519,105 @@ def test_output_layer_gradients_inherit_the_zero_row_sums(dtype, data):
       to zero, i.e. adding the same amount to all of a unit's outgoing weights changes no loss.
     Dropout and L2 are on: neither touches dZ_L, so neither may change these facts.
     """
+    check_output_layer_row_sums(data.draw(small_networks(dtype=dtype)), smoothing=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_output_layer_gradients_with_label_smoothing_keep_the_zero_row_sums(dtype, data):
+    """With label smoothing dZ_L = (softmax - T) / B, T = (1 - e) onehot + e / K; a row of T sums
+    to (1 - e) + K e / K = 1, just as a one-hot row does, so every fact above still holds: the
+    loss is still shift invariant. (Subtracting e / K from the true class only, or forgetting the
+    (1 - e), would leave rows summing to e - e / K or to e, and show up here at once.)
+    """
     case = data.draw(small_networks(dtype=dtype))
-    params, B = case.params, len(case.labels)
-    L = len(params) // 2
-    logits, cache = fm.forward(params, case.x, case.masks)
-    grads = fm.backward(params, cache, case.labels, case.l2)
-    K = logits.shape[1]
-    dz = (fm.softmax(logits.astype(np.float64)) - onehot(case.labels, K)) / B    # (B, K)
+    check_output_layer_row_sums(case, smoothing=data.draw(smoothings, label="smoothing"))
+
+
+# ================================================================================================
+# Test-time mirror averaging: "logits" that are the log of the mean of two softmaxes
+# ================================================================================================
+
+# How far the output weights are scaled up (by 10^k, k drawn up to this) to push the logits past
+# anything exp can take, while z - max(z) stays finite: logits near 1e31 in float32, 1e300 in float64.
+MAX_SCALE_EXPONENT = {"float32": 30, "float64": 300}
+
+
+@st.composite
+def image_networks(draw, dtype: str) -> tuple[fm.Params, np.ndarray, np.ndarray]:
+    """A (784, h, K) network, h in 1-4 and K in 2-10, whose output weights are multiplied by
+    10^k (from ordinary logits at k = 0 to extreme ones), and 1-5 random images with labels.
+
+    784 inputs, because mirroring needs whole 28 x 28 images; the images come from a drawn seed
+    rather than element by element, which would be slow for 784 numbers and add nothing here.
+    """
+    hidden, classes = draw(st.integers(1, 4)), draw(st.integers(2, 10))
+    seed = draw(st.integers(0, 2**32 - 1))
+    arrays_ = {k: np.array(v) for k, v in fm.init_params((784, hidden, classes), seed, dtype).items()}
+    arrays_["W2"] *= np.dtype(dtype).type(10.0 ** draw(st.integers(0, MAX_SCALE_EXPONENT[dtype])))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(draw(st.integers(1, 5)), 784)).astype(dtype)
+    return fm.Params.from_arrays(arrays_), x, rng.integers(0, classes, len(x))
+
+
+def mean_of_the_two_softmaxes(params, x) -> np.ndarray:
+    """(softmax(f(x)) + softmax(f(mirror(x)))) / 2 in float64: what flip averaging must predict."""
+    plain = fm.predict_logits(params, x).astype(np.float64)
+    mirrored = fm.predict_logits(params, fm.mirror(x)).astype(np.float64)
+    return (fm.softmax(plain) + fm.softmax(mirrored)) / 2                  # (B, K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_flip_averaged_logits_are_log_probabilities_whose_softmax_is_the_mean(dtype, data):
+    """predict_logits(flip_average=True) returns log(mean of the two distributions), so that
+    softmax (and argmax, and cross_entropy) work on it unchanged: softmax(log q) = q whenever q
+    sums to one. Computed as logaddexp of two log_softmaxes, it stays finite where the naive
+    log((softmax(a) + softmax(b)) / 2) gives log(0) = -inf: at logits near 1e300 every class
+    but the winner has probability 0 in floating point.
+    """
+    params, x, _ = data.draw(image_networks(dtype))
+    flip = fm.predict_logits(params, x, flip_average=True)
+    assert flip.shape == (len(x), params["b2"].shape[0]) and flip.dtype == np.dtype(dtype)
     eps = np.finfo(dtype).eps
-    np.testing.assert_allclose(grads[f"b{L}"], dz.sum(axis=0), rtol=0, atol=4 * K * eps)
-    assert abs(grads[f"b{L}"].astype(np.float64).sum()) <= 4 * K * eps
-    data_part = grads[f"W{L}"].astype(np.float64) - 2 * case.l2 * params[f"W{L}"].astype(np.float64)
-    Z = hidden_preactivations(params, case.x, case.masks)[-1]                    # (B, n_{L-1})
-    A = np.maximum(Z, 0) * (1.0 if case.masks is None else case.masks[-1])      # input of layer L
-    scale = np.abs(A).max() + np.abs(params[f"W{L}"]).max()
-    np.testing.assert_allclose(data_part.sum(axis=1), 0.0, rtol=0, atol=8 * K * eps * (1 + scale))
+    assert np.isfinite(flip).all()
+    assert (flip <= 4 * eps).all()                                    # log-probabilities: <= 0
+    K = flip.shape[1]
+    np.testing.assert_allclose(fm.softmax(flip.astype(np.float64)),
+                               mean_of_the_two_softmaxes(params, x), rtol=0, atol=8 * K * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_evaluate_with_flip_averaging_scores_the_mean_prediction(dtype, data):
+    """evaluate(flip_average=True) predicts a class that the mean distribution q ranks first (up
+    to rounding, for near-ties) and its loss is -mean log q_y: finite even for extreme logits,
+    and equal to -log q_y wherever q_y is a normal float64 (elsewhere log q_y is -inf).
+    """
+    params, x, labels = data.draw(image_networks(dtype))
+    ev = fm.evaluate(params, x, labels, flip_average=True)
+    flip = fm.predict_logits(params, x, flip_average=True)
+    q = mean_of_the_two_softmaxes(params, x)                          # (B, K)
+    eps, rows = np.finfo(dtype).eps, np.arange(len(x))
+    assert np.array_equal(ev.predictions, flip.argmax(axis=1))
+    assert (q[rows, ev.predictions] >= q.max(axis=1) - 8 * q.shape[1] * eps).all()
+    assert ev.loss == fm.cross_entropy(flip, labels)
+    assert np.isfinite(ev.loss) and ev.loss >= 0
+    per_example = np.array([fm.cross_entropy(flip[i:i + 1], labels[i:i + 1]) for i in rows])
+    normal = q[rows, labels] >= np.finfo(np.float64).tiny
+    np.testing.assert_allclose(per_example[normal], -np.log(q[rows, labels][normal]),
+                               rtol=8 * eps, atol=8 * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_flip_averaging_cannot_tell_an_image_from_its_mirror_image(dtype, data):
+    """The flip-averaged prediction for an image and for its mirror image are one and the same
+    average (of the same two distributions, in the other order): a mirrored shirt gets exactly
+    the prediction of the shirt. Rounding aside, that is; the tolerance allows a few eps.
+    """
+    params, x, _ = data.draw(image_networks(dtype))
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(fm.predict_logits(params, fm.mirror(x), flip_average=True),
+                               fm.predict_logits(params, x, flip_average=True),
+                               rtol=8 * eps, atol=8 * eps)
