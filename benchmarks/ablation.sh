@@ -1,0 +1,31 @@
+#!/bin/sh
+# The runs behind the README's ablation table ("How far can an MLP go"), in its row order.
+# Each is a plain `train`; its figures land in runs/ablation/<row>-seed<seed>/metrics.json. The table's runs
+# used one BLAS thread each, two at a time (OPENBLAS_NUM_THREADS=1); with another thread count
+# the figures differ in the last digits. Rows 1-9 take 2-10 minutes each on a 2-core machine.
+# Usage: [SEED=1] sh benchmarks/ablation.sh [ROW ...]   (default: every row, seed 42)
+set -e
+cd "$(dirname "$0")/.."
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+flags() {
+    case "$1" in
+        0)  echo "" ;;
+        1)  echo "--flip 0.5" ;;
+        2)  echo "--flip 0.5 --hidden 1024,512,256" ;;
+        3)  echo "--recipe best --no-flip-average" ;;
+        4)  echo "--recipe best" ;;
+        5)  echo "--recipe best --label-smoothing 0.1" ;;
+        6)  echo "--recipe best --average 0.5" ;;
+        7)  echo "--recipe best --shift 1" ;;
+        8)  echo "--recipe best --epochs 100" ;;
+        9)  echo "--recipe best --epochs 100 --dropout 0.4" ;;
+        c1) echo "--lr-schedule cosine --epochs 60 --patience 0" ;;
+        c2) echo "--recipe best --flip 0 --no-flip-average" ;;
+        *)  echo "unknown row $1" >&2; exit 2 ;;
+    esac
+}
+for row in ${@:-0 1 2 3 4 5 6 7 8 9 c1 c2}; do
+    f=$(flags "$row")
+    echo "row $row: python fmnist.py train $f"
+    python fmnist.py train $f --seed "${SEED:-42}" --out "runs/ablation/$row-seed${SEED:-42}" --quiet | grep -E "^(best epoch|test:)"
+done
