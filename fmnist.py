@@ -6,7 +6,7 @@ accuracy, with per-class precision/recall/F1 and the confusions between classes.
 
 It is meant to be read top to bottom, in the order data flows through it:
 
-    data (and its download) -> parameters -> model (forward) -> loss -> backward (and its
+    data (and its download) -> augmentation -> parameters -> model (forward) -> loss -> backward (and its
          gradient check) -> optimizer -> training -> evaluation -> checkpoints -> reporting
          -> pictures and report.md -> predict -> command line
 
@@ -48,6 +48,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,7 +86,7 @@ class Config:
     batch_size: int = 128                      # [4.1]
     epochs: int = 50                           # [4.1] at most
     patience: int = 10                         # [4.1] early stopping on validation accuracy
-    seed: int = 42                             # [2.2] init, shuffling and dropout draws
+    seed: int = 42                             # [2.2] init, shuffling, augmentation, dropout
     split_seed: int = 42                       # [2.2] the train/validation permutation
     val_size: int = 10_000                     # [2.2] 50,000 train / 10,000 validation
     dtype: str = "float32"
@@ -139,7 +140,11 @@ def check_config(c: Config) -> None:
         (isinstance(c.shift, int) and 0 <= c.shift <= MAX_SHIFT,
          f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {c.shift}"),
         (0.0 <= c.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {c.label_smoothing}"),
-        (0.0 <= c.average < 1.0, f"average must be in [0, 1), got {c.average}"),
+        (0.0 <= c.average < 1.0,
+         f"average (the decay of the running average of weights) must be in [0, 1), got {c.average}"),
+        (c.flip > 0 or not c.flip_average,
+         "flip averaging at prediction needs a network trained on mirror images (flip > 0); "
+         "add --no-flip-average"),
     ]
     for ok, message in checks:
         if not ok:
@@ -511,8 +516,8 @@ BACKGROUND = -MEAN / STD          # a black pixel after normalisation: what a sh
 
 
 def mirror(x: np.ndarray) -> np.ndarray:
-    """Flattened images (N, 784) mirrored left to right: a new array."""
-    return np.ascontiguousarray(x.reshape(-1, *IMAGE_SHAPE)[:, :, ::-1]).reshape(x.shape)
+    """Flattened images (N, 784) mirrored left to right: a new, read-only array."""
+    return _readonly(np.ascontiguousarray(x.reshape(-1, *IMAGE_SHAPE)[:, :, ::-1]).reshape(x.shape))
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0
@@ -1084,7 +1089,9 @@ OnStep = Callable[[int, int, float, float], None]   # (step, steps, running loss
 
 
 class EpochStats(NamedTuple):
-    """Running averages over an epoch's batches (with dropout on): loss and accuracy."""
+    """Running averages over an epoch's batches (with dropout on): loss and accuracy. The loss is
+    the plain cross-entropy of the batches as trained on (augmented, if augmentation is on), not
+    the label-smoothed objective, so runs with and without smoothing can be compared."""
 
     loss: float
     accuracy: float
@@ -1189,12 +1196,14 @@ def should_stop(best: Best, patience: int) -> bool:
 
 
 def average_params(average: Params, params: Params, decay: float) -> Params:
-    """The running average of weights after one more epoch: decay * average + (1 - decay) * params.
+    """The running average of weights after one more epoch: decay * average + (1 - decay) * params,
+    an exponential moving average (EMA) taken once an epoch.
 
     Late in training Adam's steps make the weights wander around a good solution; their average
-    over the last few epochs (1 / (1 - decay) of them, roughly) lies nearer its centre, and often
-    generalises better than any single point on the path (Polyak averaging; SWA, Izmailov et al.
-    2018). The average is only ever evaluated: training continues from `params`.
+    over the last few epochs (about 1 / (1 - decay) of them) lies nearer its centre, and can
+    generalise better than any single point on the path (the idea behind Polyak averaging and
+    SWA, Izmailov et al. 2018). The average is only ever evaluated: training continues from
+    `params`.
     """
     if average.shapes != params.shapes:
         raise ValueError(f"average {average.shapes} does not match the parameters {params.shapes}")
@@ -1278,10 +1287,10 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     if not flip_average:
         return logits
     mirrored = predict_logits(params, mirror(x), chunk)
-    return mean_distribution([logits, mirrored])
+    return log_mean_softmax([logits, mirrored])
 
 
-def mean_distribution(logits: Sequence[np.ndarray]) -> np.ndarray:
+def log_mean_softmax(logits: Sequence[np.ndarray]) -> np.ndarray:
     """log of the mean of the distributions softmax(z) for z in `logits` (each (N, K)), computed
     in log space, log(sum exp(log p)) - log M with np.logaddexp (which computes
     log(e^a + e^b) as max(a, b) + log1p(e^-|a - b|)), so no probability underflows to log 0."""
@@ -1289,12 +1298,12 @@ def mean_distribution(logits: Sequence[np.ndarray]) -> np.ndarray:
     return np.logaddexp.reduce(log_p, axis=0) - math.log(len(log_p))
 
 
-def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool = False
-                    ) -> np.ndarray:
+def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool = False,
+                    chunk: int = EVAL_CHUNK) -> np.ndarray:
     """An ensemble's prediction: the mean of its members' predicted distributions, as logits
     (their log), like `predict_logits` with flip_average. Members trained from different seeds
     make partly different mistakes, so the average is wrong less often than a typical member."""
-    return mean_distribution([predict_logits(p, x, flip_average=flip_average) for p in models])
+    return log_mean_softmax([predict_logits(p, x, chunk, flip_average) for p in models])
 
 
 def class_probabilities(params: Mapping, images: np.ndarray, dtype: str,
@@ -1316,7 +1325,7 @@ def evaluate(params: Mapping | Sequence[Mapping], x: np.ndarray, y: np.ndarray,
     if len(y) == 0:
         raise ValueError("cannot evaluate on zero examples")
     logits = (predict_logits(params, x, chunk, flip_average) if isinstance(params, Mapping)
-              else ensemble_logits(members, x, flip_average))
+              else ensemble_logits(members, x, flip_average, chunk))
     predictions = _readonly(logits.argmax(axis=1))
     correct = int((predictions == y).sum())
     return Evaluation(cross_entropy(logits, y), correct / len(y), correct, predictions)
@@ -1729,9 +1738,9 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
     its numbers, so the two can be read side by side), every figure taken from this run."""
     m, last = metrics, history[-1]
     train_size = config.limit or TRAIN_IMAGES - config.val_size
-    stopped = (f"Early stopping triggered after epoch {m['epochs_run']}"
-               if m.get("stopped_early") else f"Early stopping did not trigger ({m['epochs_run']} "
-                                                  f"epochs run)")
+    stopped = (f"Early stopping triggered after epoch {m['epochs_run']}" if m.get("stopped_early")
+               else f"Early stopping did not trigger ({m['epochs_run']} epochs run)" if config.patience
+               else f"{m['epochs_run']} epochs run")
     per_class = sorted(m["per_class"], key=lambda c: -c["f1"])
     seconds = m.get("train_seconds")
     lines = [
@@ -1779,7 +1788,6 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         *([f"- Label smoothing: {config.label_smoothing}"] if config.label_smoothing else []),
         *([f"- Evaluated: running average of the weights, decay {config.average} per epoch"]
           if config.average else []),
-        *(["- Predictions average each image and its mirror image"] if config.flip_average else []),
         "",
         f"{stopped}. The best validation accuracy occurred at epoch {m['best_epoch']}.", "",
         "### 4.2 Training Results", "",
@@ -1798,7 +1806,9 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
     lines += [
         "## 5 Test Set Evaluation", "",
         "### 5.1 Overall Performance", "",
-        f"- Test Accuracy: **{m['test_accuracy']:.2%}**", f"- Test Loss: **{m['test_loss']:.4f}**", "",
+        f"- Test Accuracy: **{m['test_accuracy']:.2%}**", f"- Test Loss: **{m['test_loss']:.4f}**",
+        *(["- Each prediction averages the image's and its mirror image's predicted distributions"]
+          if config.flip_average else []), "",
         "### 5.2 Per-Class Metrics", "",
         "| Class | Precision | Recall | F1 Score | Support |", "|---|---:|---:|---:|---:|",
         *(f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
@@ -2071,10 +2081,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = [load_checkpoint(path) for path in args.checkpoints]
     config = loaded[0][1]
     for path, (_, other, _) in zip(args.checkpoints, loaded):
-        if (other.split_seed, other.val_size, other.dtype) != (config.split_seed, config.val_size,
-                                                               config.dtype):
-            raise CheckpointError(f"{path}: its split or dtype differs from {args.checkpoints[0]}'s; "
-                                  f"an ensemble's members must share them")
+        shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
+        differ = [k for k in shared if getattr(other, k) != getattr(config, k)]
+        if differ:
+            raise CheckpointError(f"{path}: its {', '.join(differ)} differ from "
+                                  f"{args.checkpoints[0]}'s; an ensemble's members must share "
+                                  f"split, dtype and flip averaging")
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     models = [params for params, _, _ in loaded]
     metrics = full_evaluation(models[0] if len(models) == 1 else models, splits, config.flip_average)
@@ -2189,10 +2201,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fmnist", description="A Fashion-MNIST MLP in NumPy, from scratch, as pure functions.")
+        prog="fmnist", description="A Fashion-MNIST MLP in NumPy, from scratch, as pure functions.",
+        allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser(
+    # no abbreviations: `--no-flip` must not quietly mean `--no-flip-average`
+    add_command = partial(commands.add_parser, allow_abbrev=False)
+    train = add_command(
         "train", help="train the MLP and evaluate it",
         description="Train on the shipped data with the report's recipe, or with --recipe best "
                     "(README: \"How far can an MLP go\"). A flag given explicitly overrides the "
@@ -2216,8 +2231,8 @@ def build_parser() -> argparse.ArgumentParser:
     hyper("--eps", "Adam epsilon", type=float)
     hyper("--batch-size", "mini-batch size", type=_whole_number)
     hyper("--epochs", "maximum epochs", type=_whole_number)
-    hyper("--patience", "early stopping: epochs without a better validation accuracy "
-                        "(0: never stop early)", type=_whole_number)
+    hyper("--patience", "early stopping: epochs without a better validation accuracy; "
+                        "0: never stop early", type=_whole_number)
     hyper("--flip", "probability of mirroring a training image", type=float)
     hyper("--shift", "random shifts of training images, up to this many pixels", type=_whole_number)
     hyper("--label-smoothing", "weight of the uniform distribution in the targets", type=float)
@@ -2240,18 +2255,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last saved epoch, "
                             "with its stored settings (the result is bit-identical)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate_cmd = commands.add_parser("evaluate", help="evaluate a saved checkpoint or an ensemble",
-                                       description="Print the full evaluation of a checkpoint.")
+    evaluate_cmd = add_command("evaluate", help="evaluate a saved checkpoint or an ensemble",
+                                       description="Print the full evaluation of a checkpoint, or "
+                                                   "of several as an ensemble.")
     evaluate_cmd.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
                               help="a best.npz written by train; several are evaluated as an "
                                    "ensemble (the mean of their predicted distributions)")
     _data_dir_flag(evaluate_cmd)
-    report_cmd = commands.add_parser("report", help="draw the pictures and write report.md of a run",
+    report_cmd = add_command("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
                                                  "and rewrite report.md in a finished run directory.")
     report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
-    predict_cmd = commands.add_parser(
+    predict_cmd = add_command(
         "predict", help="classify image files or test-set images with a checkpoint",
         description="Print the three most probable classes for each image. A PNG or JPEG of any "
                     "size or colour is made into a 28x28 grayscale image the way Fashion-MNIST's "
@@ -2267,7 +2283,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="also classify test-set image N (0-9999); repeatable")
     predict_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _data_dir_flag(predict_cmd, "folder with the IDX files (for --test-index)")
-    gradcheck_cmd = commands.add_parser(
+    gradcheck_cmd = add_command(
         "gradcheck", help="check backward against finite differences on a small network",
         description="Build a small random float64 network (784 inputs, 10 classes), and print for "
                     "every parameter the largest relative error between backward and central "
@@ -2278,7 +2294,7 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck_cmd.add_argument("--batch", type=_whole_number, default=4, help="batch size")
     gradcheck_cmd.add_argument("--seed", type=_whole_number, default=0,
                                help="seed of the network, batch and dropout mask")
-    download_cmd = commands.add_parser(
+    download_cmd = add_command(
         "download", help="download and verify the four Fashion-MNIST files",
         description="Fetch the four official files into --data-dir, with torchvision if it is "
                     "installed, else from the mirror with the standard library; checksums are "
@@ -2303,6 +2319,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 

@@ -766,7 +766,7 @@ def test_fit_with_average_evaluates_the_running_average_and_trains_the_params(ra
     are bit-identical to a run without averaging. The validation figures in each record are the
     model's (with flip averaging, as configured), and best_params is the model of the best epoch."""
     config = Config(hidden=(16,), epochs=3, patience=0, batch_size=64, limit=500,
-                    average=0.75, flip_average=True)       # not 0.5: d and 1 - d must differ
+                    average=0.75, flip=0.5, flip_average=True)   # not 0.5: d, 1 - d must differ
     splits = _tiny_splits(raw, 500, 300)
     run = list(fit(splits, config))
     plain = [s for s, _ in fit(splits, dataclasses.replace(config, average=0.0))]
@@ -1306,7 +1306,8 @@ def test_evaluate_scores_an_ensemble_by_its_mean_prediction(raw):
 
 def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, tmp_path, capsys):
     """`evaluate A B` names both and scores their ensemble: a checkpoint with itself scores as the
-    checkpoint alone. Members trained on another split cannot form an ensemble."""
+    checkpoint alone. Members trained on another split, or predicting with and without mirror
+    averaging, cannot form an ensemble (the result would depend on their order)."""
     ckpt = str(best_run / "best.npz")
     metrics = json.loads((best_run / "metrics.json").read_text())
     assert fmnist.main(["evaluate", ckpt, ckpt]) == 0
@@ -1319,7 +1320,10 @@ def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, 
     fmnist.save_checkpoint(other, params, dataclasses.replace(config, split_seed=7))
     proc = run_cli("evaluate", ckpt, other)
     assert proc.returncode == 1
-    assert "split or dtype differs" in proc.stderr and str(other) in proc.stderr
+    assert "split_seed differ" in proc.stderr and str(other) in proc.stderr
+    fmnist.save_checkpoint(other, params, dataclasses.replace(config, flip_average=False))
+    proc = run_cli("evaluate", ckpt, other)
+    assert proc.returncode == 1 and "flip_average differ" in proc.stderr
 
 
 def train_config(*argv) -> Config:
@@ -1334,13 +1338,14 @@ BEST = fmnist.RECIPES["best"]
     ([], Config()),
     (["--recipe", "report"], Config()),
     (["--recipe", "best"], BEST),
-    (["--recipe", "best", "--flip", "0"], dataclasses.replace(BEST, flip=0.0)),
+    (["--recipe", "best", "--flip", "0", "--no-flip-average"],
+     dataclasses.replace(BEST, flip=0.0, flip_average=False)),
     (["--recipe", "best", "--no-flip-average", "--lr-schedule", "constant"],
      dataclasses.replace(BEST, flip_average=False, lr_schedule="constant")),
     (["--hidden", "64", "--recipe", "best", "--average", "0.9"],
      dataclasses.replace(BEST, hidden=(64,), average=0.9)),
-    (["--flip-average", "--shift", "2", "--label-smoothing", "0.1"],
-     Config(flip_average=True, shift=2, label_smoothing=0.1)),
+    (["--flip", "0.5", "--flip-average", "--shift", "2", "--label-smoothing", "0.1"],
+     Config(flip=0.5, flip_average=True, shift=2, label_smoothing=0.1)),
     (["--recipe", "best", "--dropout", str(BEST.dropout)], BEST),    # the recipe's value, again
 ], ids=str)
 def test_explicit_flags_override_the_recipe_and_nothing_else(argv, expected):
@@ -1357,8 +1362,8 @@ def test_train_command_is_the_shortest_line_that_repeats_the_config():
     assert fmnist._train_command(BEST) == "python fmnist.py train --recipe best"
     assert fmnist._train_command(dataclasses.replace(BEST, seed=7, flip_average=False)) == \
         "python fmnist.py train --recipe best --seed 7 --no-flip-average"
-    assert fmnist._train_command(Config(seed=7, flip_average=True)) == \
-        "python fmnist.py train --seed 7 --flip-average"
+    assert fmnist._train_command(Config(seed=7, flip=0.25, flip_average=True)) == \
+        "python fmnist.py train --seed 7 --flip 0.25 --flip-average"
 
 
 @st.composite
@@ -1374,7 +1379,10 @@ def configs(draw) -> Config:
         "lr_schedule": st.sampled_from(["constant", "cosine"]), "flip": st.floats(0, 1),
         "shift": st.integers(0, fmnist.MAX_SHIFT), "label_smoothing": st.floats(0, 1, exclude_max=True),
         "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans()}))
-    return dataclasses.replace(fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))], **changes)
+    base = fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))]
+    if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
+        changes["flip_average"] = False
+    return dataclasses.replace(base, **changes)
 
 
 @given(config=configs())
@@ -2238,7 +2246,15 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--average -0.5": (["--average", "-0.5"], {"average": -0.5}),
     "--average nan": (["--average", "nan"], {"average": math.nan}),
     "--recipe best --flip 2": (["--recipe", "best", "--flip", "2"], {"flip": 2.0}),
+    "--recipe best --flip 0": (["--recipe", "best", "--flip", "0"], {"flip": 0.0, "flip_average": True}),
 }
+
+
+def test_cli_refuses_abbreviated_flags(tmp_path, capsys):
+    """argparse would take `--no-flip` for `--no-flip-average` (a unique prefix), turning off
+    mirror averaging while the user meant to turn off flips; abbreviations are refused."""
+    err = _train_usage_error(["--recipe", "best", "--no-flip"], tmp_path, capsys)
+    assert "unrecognized arguments: --no-flip" in err
 
 
 def _train_usage_error(argv, tmp_path, capsys) -> str:
@@ -2331,7 +2347,7 @@ def test_config_refuses_an_unknown_lr_schedule_naming_the_known_ones():
 @pytest.mark.parametrize("fields", [
     {"flip": 0.0}, {"flip": 1.0}, {"shift": 0}, {"shift": fmnist.MAX_SHIFT},
     {"label_smoothing": 0.0}, {"label_smoothing": 0.99}, {"average": 0.0}, {"average": 0.99},
-    {"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"flip_average": True},
+    {"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"flip": 1e-9, "flip_average": True},
 ], ids=str)
 def test_config_accepts_the_ends_of_each_new_range(fields):
     """The refusals above stop exactly at the ends of each range: flip 1 (always mirror) and the

@@ -2,7 +2,7 @@
 # The runs behind the README's ablation table ("How far can an MLP go"), in its row order.
 # Each is a plain `train`; its figures land in runs/ablation/<row>-seed<seed>/metrics.json. The table's runs
 # used one BLAS thread each, two at a time (OPENBLAS_NUM_THREADS=1); with another thread count
-# the figures differ in the last digits. Rows 1-9 take 2-10 minutes each on a 2-core machine.
+# the figures differ by a few tenths. Each row takes 2-10 minutes on a 2-core machine.
 # Usage: [SEED=1] sh benchmarks/ablation.sh [ROW ...]   (default: every row, seed 42)
 set -e
 cd "$(dirname "$0")/.."
@@ -29,5 +29,8 @@ flags() {
 for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 c1 c2}; do
     f=$(flags "$row")
     echo "row $row: python fmnist.py train $f"
-    python fmnist.py train $f --seed "${SEED:-42}" --out "runs/ablation/$row-seed${SEED:-42}" --quiet | grep -E "^(best epoch|test:)"
+    out="runs/ablation/$row-seed${SEED:-42}"
+    mkdir -p runs/ablation
+    python fmnist.py train $f --seed "${SEED:-42}" --out "$out" --quiet > "$out.log"  # set -e stops on failure
+    grep -E "^(best epoch|test:)" "$out.log"
 done
