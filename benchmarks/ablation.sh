@@ -21,12 +21,14 @@ flags() {
         9)  echo "--recipe best --epochs 100 --dropout 0.4" ;;
         10) echo "--recipe best --dropout 0.2" ;;
         11) echo "--recipe best --lr 2e-3" ;;
+        12) echo "--recipe best --hidden 2048,512,256" ;;
+        13) echo "--recipe best --hidden 1024,1024,512,256" ;;
         c1) echo "--lr-schedule cosine --epochs 60 --patience 0" ;;
         c2) echo "--recipe best --flip 0 --no-flip-average" ;;
         *)  echo "unknown row $1" >&2; exit 2 ;;
     esac
 }
-for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 c1 c2}; do
+for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 c1 c2}; do
     f=$(flags "$row")
     echo "row $row: python fmnist.py train $f"
     out="runs/ablation/$row-seed${SEED:-42}"
