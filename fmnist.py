@@ -1223,7 +1223,7 @@ class TrainState(NamedTuple):
     epoch: int
     best: Best
     best_params: Params
-    model: Params | None = None
+    model: Params
 
 
 def initial_state(config: Config) -> TrainState:
@@ -1245,7 +1245,7 @@ def fit(splits: Splits, config: Config = Config(), state: TrainState | None = No
         epoch = state.epoch + 1
         params, opt_state, stats = train_epoch(state.params, state.opt_state, splits.x_train,
                                                splits.y_train, config, epoch, on_step)
-        averaging = config.average and epoch > 1 and state.model is not None
+        averaging = config.average and epoch > 1          # it starts at epoch 1's parameters
         model = average_params(state.model, params, config.average) if averaging else params
         val = evaluate(model, splits.x_val, splits.y_val, flip_average=config.flip_average)
         best = early_stopping_update(state.best, epoch, val.correct)
@@ -1324,7 +1324,7 @@ def evaluate(params: Mapping | Sequence[Mapping], x: np.ndarray, y: np.ndarray,
         check_inputs(p, x, y)
     if len(y) == 0:
         raise ValueError("cannot evaluate on zero examples")
-    logits = (predict_logits(params, x, chunk, flip_average) if isinstance(params, Mapping)
+    logits = (predict_logits(members[0], x, chunk, flip_average) if len(members) == 1
               else ensemble_logits(members, x, flip_average, chunk))
     predictions = _readonly(logits.argmax(axis=1))
     correct = int((predictions == y).sum())
@@ -2080,8 +2080,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: one checkpoint, or several as an ensemble (same split, same dtype)."""
     loaded = [load_checkpoint(path) for path in args.checkpoints]
     config = loaded[0][1]
-    for path, (_, other, _) in zip(args.checkpoints, loaded):
-        shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
+    shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
+    for path, (_, other, _) in zip(args.checkpoints[1:], loaded[1:]):
         differ = [k for k in shared if getattr(other, k) != getattr(config, k)]
         if differ:
             raise CheckpointError(f"{path}: its {', '.join(differ)} differ from "
@@ -2089,7 +2089,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                   f"split, dtype and flip averaging")
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     models = [params for params, _, _ in loaded]
-    metrics = full_evaluation(models[0] if len(models) == 1 else models, splits, config.flip_average)
+    metrics = full_evaluation(models, splits, config.flip_average)      # one model: no ensemble
     for path, (_, c, meta) in zip(args.checkpoints, loaded):
         print(f"checkpoint {path}: {_dashed(c.layer_sizes)}, seed {c.seed}, "
               f"epoch {meta.get('epoch', '?')}")

@@ -1509,6 +1509,26 @@ def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert run_cli("train", "--resume", out).returncode != 0       # finished: nothing to resume
 
 
+def reference_epoch(params, state, x, y, config, epoch):
+    """One epoch written as a plain loop of the public pure functions, drawing from the epoch's
+    generator in train_epoch's order (shuffle; per batch: augmentation, then dropout masks);
+    returns new params, new state and (mean loss, accuracy) of the batches as trained on."""
+    rng = np.random.default_rng([config.seed, epoch])
+    steps = -(-len(y) // config.batch_size)
+    losses, correct = [], 0
+    for idx in fmnist.batches(len(y), config.batch_size, rng):
+        xb = fmnist.augment(x[idx], rng, config.flip, config.shift)
+        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
+        logits, cache = forward(params, xb, masks)
+        grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
+        lr = fmnist.learning_rate(config, state.step + 1, steps)
+        params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
+                                  config.eps, config.l2)
+        losses.append(cross_entropy(logits, y[idx]) * len(idx))
+        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    return params, state, (sum(losses) / len(y), correct / len(y))
+
+
 def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
     """train_epoch updates its own buffers in place for speed; that must be invisible: the same
     epoch written as a loop of the pure public functions gives bit-identical parameters, moments
@@ -1519,20 +1539,11 @@ def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
     params = init_params(config.layer_sizes, 3)
     state = adam_init(params)
     fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
-    rng = np.random.default_rng([config.seed, 2])
-    losses, correct = [], 0
-    for idx in fmnist.batches(len(y), config.batch_size, rng):
-        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
-        logits, cache = forward(params, x[idx], masks)
-        grads = backward(params, cache, y[idx])
-        params, state = adam_step(params, grads, state, config.lr, config.beta1, config.beta2,
-                                  config.eps, config.l2)
-        losses.append(cross_entropy(logits, y[idx]) * len(idx))
-        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
     assert bits(fast_params) == bits(params)
     assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
     assert fast_state.step == state.step == 5
-    assert stats == (sum(losses) / len(y), correct / len(y))
+    assert stats == reference_stats
 
 
 def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
@@ -1550,23 +1561,11 @@ def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_
     params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
                                    adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
     fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
-    rng = np.random.default_rng([config.seed, 2])
-    steps = 5                                                  # ceil(230 / 50)
-    losses, correct = [], 0
-    for idx in fmnist.batches(len(y), config.batch_size, rng):
-        xb = fmnist.augment(x[idx], rng, config.flip, config.shift)
-        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
-        logits, cache = forward(params, xb, masks)
-        grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
-        lr = fmnist.learning_rate(config, state.step + 1, steps)
-        params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
-                                  config.eps, config.l2)
-        losses.append(cross_entropy(logits, y[idx]) * len(idx))
-        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
     assert bits(fast_params) == bits(params)
     assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
     assert fast_state.step == state.step == 10
-    assert stats == (sum(losses) / len(y), correct / len(y))
+    assert stats == reference_stats
 
 
 # ================================================================================================
