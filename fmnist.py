@@ -98,6 +98,9 @@ class Config:
     label_smoothing: float = 0.0               # weight of the uniform target mixed into the one-hot
     average: float = 0.0                       # decay of the running average of weights per epoch
     flip_average: bool = False                 # predict from an image and its mirror image
+    cutout: int = 0                            # side of a square of background pasted per image
+    input_dropout: float = 0.0                 # dropout rate on the input pixels
+    weight_decay: float = 0.0                  # AdamW's decoupled decay of the weights, per unit lr
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -142,6 +145,11 @@ def check_config(c: Config) -> None:
         (0.0 <= c.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {c.label_smoothing}"),
         (0.0 <= c.average < 1.0,
          f"average (the decay of the running average of weights) must be in [0, 1), got {c.average}"),
+        (isinstance(c.cutout, int) and 0 <= c.cutout <= IMAGE_SHAPE[0],
+         f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, got {c.cutout}"),
+        (0.0 <= c.input_dropout < 1.0, f"input dropout must be in [0, 1), got {c.input_dropout}"),
+        (0.0 <= c.weight_decay and c.weight_decay * c.lr < 1.0,   # else a step flips signs
+         f"weight decay must be >= 0 with weight decay * lr below 1, got {c.weight_decay}"),
         (c.flip > 0 or not c.flip_average,
          "flip averaging at prediction needs a network trained on mirror images (flip > 0); "
          "add --no-flip-average"),
@@ -509,7 +517,7 @@ def _download_with_torchvision(data_dir: Path, targets: Mapping[str, Path], log:
 
 
 # ================================================================================================
-# Augmentation: random mirror images and shifts of training batches
+# Augmentation: random mirror images, shifts, cut-out squares and dropped pixels of training batches
 # ================================================================================================
 
 BACKGROUND = -MEAN / STD          # a black pixel after normalisation: what a shift brings in
@@ -520,17 +528,19 @@ def mirror(x: np.ndarray) -> np.ndarray:
     return _readonly(np.ascontiguousarray(x.reshape(-1, *IMAGE_SHAPE)[:, :, ::-1]).reshape(x.shape))
 
 
-def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0
-            ) -> np.ndarray:
+def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0,
+            cutout: int = 0, input_dropout: float = 0.0) -> np.ndarray:
     """A randomly altered copy of a batch of normalised images x (B, 784), for training.
 
     Each image is mirrored left to right with probability `flip` (a mirrored shirt is still a
     shirt; a mirrored digit is not a digit), then moved by a whole number of pixels in
-    -shift..shift, independently down and across, with background filling what moves in. The
-    network sees a slightly different training set every epoch, which makes memorising harder.
-    With flip 0 and shift 0 it returns x and draws nothing, so the report's recipe is untouched.
+    -shift..shift, independently down and across, with background filling what moves in; then
+    a `cutout` x `cutout` square of it is blacked out (`cut_out`) and each pixel dropped with
+    probability `input_dropout` (`drop_pixels`). The network sees a slightly different training
+    set every epoch, which makes memorising harder. With everything off it returns x and draws
+    nothing, so the report's recipe is untouched.
     """
-    if not flip and not shift:
+    if not (flip or shift or cutout or input_dropout):
         return x
     B = len(x)
     images = x.reshape(B, *IMAGE_SHAPE)                               # (B, 28, 28)
@@ -544,7 +554,35 @@ def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: i
         rows = (top[:, None] + np.arange(h))[:, :, None]              # (B, 28, 1)
         cols = (left[:, None] + np.arange(w))[:, None, :]             # (B, 1, 28)
         images = padded[np.arange(B)[:, None, None], rows, cols]      # (B, 28, 28)
-    return _readonly(images.reshape(B, NUM_INPUTS).astype(x.dtype, copy=False))
+    out = images.reshape(B, NUM_INPUTS).astype(x.dtype, copy=False)   # (B, 784)
+    if cutout:
+        out = cut_out(out, rng, cutout)
+    if input_dropout:
+        out = drop_pixels(out, rng, input_dropout)
+    return _readonly(out)
+
+
+def cut_out(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Images x (B, 784) with a size x size square of each set to background (black): "cutout"
+    (DeVries and Taylor, 2017). The square's centre is uniform over the 28 x 28 pixels, so near
+    an edge only part of it falls inside the image. The network must then recognise an item
+    from what is left of it, instead of leaning on a few pixels. A new array."""
+    B, r = len(x), np.arange(IMAGE_SHAPE[0])
+    centre_row, centre_col = rng.integers(0, IMAGE_SHAPE[0], size=(2, B))           # (B,) each
+    first_row, first_col = centre_row - size // 2, centre_col - size // 2
+    rows = (r >= first_row[:, None]) & (r < first_row[:, None] + size)             # (B, 28)
+    cols = (r >= first_col[:, None]) & (r < first_col[:, None] + size)             # (B, 28)
+    hole = (rows[:, :, None] & cols[:, None, :]).reshape(B, NUM_INPUTS)            # (B, 784)
+    return np.where(hole, x.dtype.type(BACKGROUND), x)
+
+
+def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
+    """Inverted dropout on the input layer: each pixel of x (B, 784) becomes 0 (the mean pixel,
+    after normalisation) with probability `rate`, the others are divided by 1 - rate, as
+    `dropout_masks` does for the hidden layers (Srivastava et al. used 0.2 on MNIST's pixels).
+    A new array."""
+    keep = rng.random(x.shape, dtype=np.float32) >= rate                           # (B, 784) bool
+    return x * keep * (1.0 / (1.0 - rate))
 
 
 # ================================================================================================
@@ -995,8 +1033,8 @@ def adam_init(params: Mapping) -> AdamState:
 
 
 def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-3,
-              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, l2: float = 0.0
-              ) -> tuple[Params, AdamState]:
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, l2: float = 0.0,
+              weight_decay: float = 0.0) -> tuple[Params, AdamState]:
     """One Adam update; returns new parameters and new state, leaving the inputs untouched.
 
         g   = grads + 2 l2 W                       (only if l2 > 0: see below)
@@ -1012,11 +1050,20 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     what `backward(..., l2)` would have added (optax calls this `add_decayed_weights` before
     `scale_by_adam`). Training passes the data gradient from `backward(..., l2=0)` and l2 here,
     because here the addition costs one pass over numbers already in cache.
+
+    `weight_decay` makes it AdamW (Loshchilov and Hutter, 2019): the weights (not the biases)
+    also shrink by the factor 1 - lr * weight_decay, outside Adam's division by sqrt(v):
+        p_t = (1 - lr weight_decay) p - lr/(1 - beta1^t) * m_t / (sqrt(v_t / (1 - beta2^t)) + eps)
+    L2 instead goes through that division, so weights with large, noisy gradients are decayed
+    less than quiet ones; AdamW decays every weight at the same rate.
     """
     if not 0.0 < lr < math.inf:
         raise ValueError(f"learning rate must be > 0 and finite, got {lr}")
     if not 0.0 <= l2 < math.inf:
         raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
+    if not (0.0 <= weight_decay and weight_decay * lr < 1.0):
+        raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, "
+                         f"got {weight_decay}")
     params, grads = Params.from_arrays(params), Params.from_arrays(grads)
     if grads.shapes != params.shapes:
         raise ValueError(f"gradients {grads.shapes} do not match parameters {params.shapes}")
@@ -1025,7 +1072,7 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     check_adam_state(state, params)
     p_new, m_new, v_new = (np.empty_like(params.flat) for _ in range(3))
     adam_update(params.flat, grads.flat, state.m.flat, state.v.flat, p_new, m_new, v_new,
-                params.num_weights, state.step + 1, lr, beta1, beta2, eps, l2)
+                params.num_weights, state.step + 1, lr, beta1, beta2, eps, l2, weight_decay)
     return params.like(p_new), AdamState(state.step + 1, params.like(m_new), params.like(v_new))
 
 
@@ -1034,7 +1081,8 @@ FLUSH_EVERY = 16        # steps between flushes of tiny numbers (see flush_to_ze
 
 
 def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: float,
-                beta1: float, beta2: float, eps: float, l2: float) -> None:
+                beta1: float, beta2: float, eps: float, l2: float, weight_decay: float = 0.0
+                ) -> None:
     """Adam's step t on flat vectors (weights first, then biases), written into p_out, m_out,
     v_out. The outputs may be p, m, v themselves: `train_epoch` updates the buffers it owns in
     place, which saves writing three fresh 2.3 MB arrays every step; `adam_step` passes fresh
@@ -1047,18 +1095,20 @@ def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: f
     step_size, eps_hat = lr * math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)
     flush = t % FLUSH_EVERY == 0
     scratch = np.empty((2, min(ADAM_SLICE, p.size)), dtype=p.dtype)
-    for lo, hi, decay in ((0, num_weights, 2.0 * l2), (num_weights, p.size, 0.0)):
+    weights = (0, num_weights, 2.0 * l2, 1.0 - lr * weight_decay)    # L2 and AdamW: weights only
+    biases = (num_weights, p.size, 0.0, 1.0)
+    for lo, hi, decay, shrink in (weights, biases):
         for start in range(lo, hi, ADAM_SLICE):
             s = slice(start, min(start + ADAM_SLICE, hi))
             a, b = scratch[0, :s.stop - s.start], scratch[1, :s.stop - s.start]
             _adam_slice(p[s], g[s], m[s], v[s], p_out[s], m_out[s], v_out[s], a, b,
-                        beta1, beta2, step_size, eps_hat, decay, flush)
+                        beta1, beta2, step_size, eps_hat, decay, shrink, flush)
 
 
 def _adam_slice(p, g, m, v, p_out, m_out, v_out, a, b, beta1, beta2, step_size, eps_hat,
-                decay, flush) -> None:
-    """Adam's formulas on one slice. a, b: scratch. Each output is written by its last operation
-    only, reading its own input at the same position, so outputs may alias inputs."""
+                decay, shrink, flush) -> None:
+    """Adam's formulas on one slice. a, b: scratch. Each output is written only after the last
+    read of its own input, position by position, so outputs may alias inputs."""
     if decay:                                    # g + decay * p: the L2 term's gradient
         np.multiply(p, decay, out=a)
         g = np.add(a, g, out=a)
@@ -1073,7 +1123,11 @@ def _adam_slice(p, g, m, v, p_out, m_out, v_out, a, b, beta1, beta2, step_size, 
     b += eps_hat
     np.divide(m_out, b, out=b)
     b *= -step_size
-    np.add(p, b, out=p_out)
+    if shrink != 1.0:                            # AdamW: shrink * p - step_size * ...
+        np.multiply(p, shrink, out=p_out)
+        p_out += b
+    else:
+        np.add(p, b, out=p_out)
     if flush:                                    # see flush_to_zero: subnormals are slow
         flush_to_zero(p_out, root=4)
         flush_to_zero(m_out)
@@ -1148,14 +1202,15 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     loss_sum, correct, seen = 0.0, 0, 0
     steps = -(-len(y) // config.batch_size)
     for step, idx in enumerate(batches(len(y), config.batch_size, rng), start=1):
-        xb = augment(x[idx], rng, config.flip, config.shift)  # (B, 784)
+        xb = augment(x[idx], rng, config.flip, config.shift, config.cutout,
+                     config.input_dropout)                    # (B, 784)
         yb = y[idx]                                           # (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype)
         logits, cache = forward(current, xb, masks)
         grads = backward(current, cache, yb, smoothing=config.label_smoothing)  # L2: in Adam
         t += 1
         adam_update(p, grads.flat, m, v, p, m, v, n_w, t, learning_rate(config, t, steps),
-                    config.beta1, config.beta2, config.eps, config.l2)
+                    config.beta1, config.beta2, config.eps, config.l2, config.weight_decay)
         batch_loss = cross_entropy(logits, yb)
         if not batch_loss < EXPLODED_LOSS:                    # also catches NaN
             raise DivergedError(f"training diverged: the loss reached {batch_loss:.4g} at epoch "
@@ -1282,12 +1337,28 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     average, so argmax, softmax and cross_entropy work on them unchanged.
     """
     check_inputs(params, x)
-    logits = np.concatenate([forward(params, x[i:i + chunk])[0] for i in range(0, len(x), chunk)]
+    logits = np.concatenate([_inference(params, x[i:i + chunk]) for i in range(0, len(x), chunk)]
                             or [np.empty((0, NUM_CLASSES))])
     if not flip_average:
         return logits
     mirrored = predict_logits(params, mirror(x), chunk)
     return log_mean_softmax([logits, mirrored])
+
+
+def _inference(params: Mapping, x: np.ndarray) -> np.ndarray:
+    """`forward(params, x)[0]` (no dropout) without building the cache that only backward needs:
+    ReLU as one np.maximum in place, instead of a gate array and a multiplication. The logits
+    are the same; only a zero's sign may differ (ReLU(-3) is -0.0 in forward), which no sum,
+    softmax or argmax can tell apart."""
+    L = num_layers(params)
+    A = x
+    for l in range(1, L):
+        Z = A @ params[f"W{l}"]                               # (B, n_l)
+        Z += params[f"b{l}"]
+        A = np.maximum(Z, 0.0, out=Z)
+    logits = A @ params[f"W{L}"]                              # (B, 10)
+    logits += params[f"b{L}"]
+    return logits
 
 
 def log_mean_softmax(logits: Sequence[np.ndarray]) -> np.ndarray:
@@ -1778,7 +1849,9 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "- Xavier initialization for the output layer", f"- Seed: {config.seed}", "",
         "## 4 Training Procedure", "",
         "### 4.1 Optimization", "",
-        "- Optimizer: Adam", f"- Learning rate: {config.lr}"
+        "- Optimizer: " + (f"AdamW (decoupled weight decay {config.weight_decay})"
+                           if config.weight_decay else "Adam"),
+        f"- Learning rate: {config.lr}"
         + (" with cosine decay to 0 over the epochs" if config.lr_schedule == "cosine" else ""),
         f"- beta1 = {config.beta1}, beta2 = {config.beta2}, epsilon = {config.eps}",
         f"- L2 regularization: lambda = {config.l2}", f"- Batch size: {config.batch_size}",
@@ -1835,9 +1908,12 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
 
 
 def _augmentation_text(config: Config) -> str:
-    parts = ([f"random horizontal flips (p = {config.flip})"] if config.flip else []) + (
-        [f"random shifts of up to {config.shift} px"] if config.shift else [])
-    return "Training augmentation: " + " and ".join(parts) if parts else "No data augmentation"
+    parts = [text for on, text in (
+        (config.flip, f"random horizontal flips (p = {config.flip})"),
+        (config.shift, f"random shifts of up to {config.shift} px"),
+        (config.cutout, f"a random {config.cutout} x {config.cutout} px square blacked out"),
+        (config.input_dropout, f"dropout {config.input_dropout} on the input pixels")) if on]
+    return "Training augmentation: " + ", ".join(parts) if parts else "No data augmentation"
 
 
 def _duration(seconds: float | None) -> str:
@@ -2226,6 +2302,8 @@ def build_parser() -> argparse.ArgumentParser:
     hyper("--l2", "L2 strength lambda", type=float)
     hyper("--lr", "Adam learning rate", type=float)
     hyper("--lr-schedule", "learning rate schedule", choices=SCHEDULES)
+    hyper("--weight-decay", "AdamW: decay of the weights per step, times the learning rate "
+                            "(0: off)", type=float)
     hyper("--beta1", "Adam beta1", type=float)
     hyper("--beta2", "Adam beta2", type=float)
     hyper("--eps", "Adam epsilon", type=float)
@@ -2235,6 +2313,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: never stop early", type=_whole_number)
     hyper("--flip", "probability of mirroring a training image", type=float)
     hyper("--shift", "random shifts of training images, up to this many pixels", type=_whole_number)
+    hyper("--cutout", "black out a square of this many pixels a side in each training image "
+                      "(0: off)", type=_whole_number)
+    hyper("--input-dropout", "dropout rate on the input pixels", type=float)
     hyper("--label-smoothing", "weight of the uniform distribution in the targets", type=float)
     hyper("--average", "evaluate a running average of the weights, with this decay per epoch "
                        "(0: off)", type=float)

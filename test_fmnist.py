@@ -370,6 +370,44 @@ def test_adam_l2_equals_adding_the_l2_gradient_to_the_weights(seed, l2, dtype):
         params, state = fused, fused_state
 
 
+def test_adamw_two_steps_match_the_formula_by_hand():
+    """AdamW (weight_decay): the weights shrink by (1 - lr * weight_decay) outside Adam's
+    division, p_t = (1 - lr wd) p - lr/(1-b1^t) * m_t/(sqrt(v_t/(1-b2^t)) + eps); the biases
+    take the plain Adam step; the moments are Adam's, untouched by the decay."""
+    p0 = {"W1": np.array([[0.5, -1.0], [0.0, 3.0]]), "b1": np.array([0.1, -0.2])}
+    grads = [{"W1": np.array([[0.1, -0.3], [0.0, -50.0]]), "b1": np.array([-1e-3, 5.0])},
+             {"W1": np.array([[-0.2, 0.3], [4.0, -50.0]]), "b1": np.array([2e-3, -5.0])}]
+    lr, wd, b1, b2, eps = 0.01, 3.0, 0.9, 0.999, 1e-8
+    params, state = Params.from_arrays(p0), adam_init(p0)
+    for g in grads:
+        params, state = adam_step(params, g, state, lr, b1, b2, eps, weight_decay=wd)
+    for k, p in p0.items():
+        m = v = np.zeros_like(p)
+        shrink = 1 - lr * wd if k.startswith("W") else 1.0
+        for t, g in enumerate(grads, start=1):
+            m = b1 * m + (1 - b1) * g[k]
+            v = b2 * v + (1 - b2) * g[k] ** 2
+            p = shrink * p - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        np.testing.assert_allclose(params[k], p, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state.m[k], m, rtol=1e-12)
+        np.testing.assert_allclose(state.v[k], v, rtol=1e-12)
+
+
+@given(seed=st.integers(0, 2**32 - 1), wd=st.floats(0.0, 100.0), lr=st.floats(1e-5, 1e-2),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_adamw_with_no_gradient_only_shrinks_the_weights(seed, wd, lr, dtype):
+    """With a zero gradient (and zero moments) Adam moves nothing, so AdamW's step is the decay
+    alone: every weight times (1 - lr * wd), rounded once; every bias exactly as it was. With
+    wd = 0 that is the identity, bit for bit."""
+    params = init_params((7, 5, 3), seed, dtype)
+    zero = params.like(np.zeros_like(params.flat))
+    new, state = adam_step(params, zero, adam_init(params), lr, weight_decay=wd)
+    for k, a in params.items():
+        expected = a * np.asarray(1 - lr * wd, dtype) if k.startswith("W") else a
+        assert np.array_equal(new[k], expected), k
+    assert not state.m.flat.any() and not state.v.flat.any()
+
+
 def test_adam_state_step_counts_updates_and_starts_at_zero():
     """The bias corrections use t, so the state must count each update exactly once."""
     params = init_params((3, 2), 0, "float64")
@@ -542,10 +580,12 @@ def test_augment_off_returns_x_itself_and_draws_nothing():
     x, rng = random_images(0, 4), np.random.default_rng(5)
     before = rng.bit_generator.state
     assert fmnist.augment(x, rng) is x
-    assert fmnist.augment(x, rng, flip=0.0, shift=0) is x
+    assert fmnist.augment(x, rng, flip=0.0, shift=0, cutout=0, input_dropout=0.0) is x
     assert rng.bit_generator.state == before
-    fmnist.augment(x, rng, flip=0.5)                   # and when on, it does draw from rng
-    assert rng.bit_generator.state != before
+    for on in ({"flip": 0.5}, {"shift": 1}, {"cutout": 4}, {"input_dropout": 0.1}):
+        fmnist.augment(x, rng, **on)                   # and when on, it does draw from rng
+        assert rng.bit_generator.state != before
+        before = rng.bit_generator.state
 
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 6), dtype=st.sampled_from(["float32", "float64"]),
@@ -586,6 +626,73 @@ def test_augment_draws_every_offset_and_mirrors_about_half_the_images():
     assert 150 <= sum(mirrored for [(mirrored, _, _)] in ways) <= 250
     black = normalise(np.zeros((1, 28, 28), np.uint8), "float32")[0, 0]
     assert black == np.float32(fmnist.BACKGROUND) != 0
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 6), dtype=st.sampled_from(["float32", "float64"]),
+       size=st.integers(1, 28))
+def test_cut_out_blacks_out_one_square_per_image_clipped_only_by_the_border(seed, n, dtype, size):
+    """cut_out changes each image only on one axis-aligned square of background pixels: size x
+    size, except where the image border cuts it off; never empty (its centre is in the image);
+    every other pixel kept bit for bit. A new array; x untouched; the same seed, the same squares."""
+    x = random_images(seed, n, dtype)
+    before = x.copy()
+    out = fmnist.cut_out(x, np.random.default_rng(seed), size)
+    assert out.shape == x.shape and out.dtype == x.dtype and not np.shares_memory(out, x)
+    assert np.array_equal(x, before)
+    assert np.array_equal(fmnist.cut_out(x, np.random.default_rng(seed), size), out)
+    black = np.asarray(fmnist.BACKGROUND, dtype)
+    for original, cut in zip(x.reshape(n, 28, 28), out.reshape(n, 28, 28)):
+        hole = cut != original
+        assert np.all(cut[hole] == black) and np.array_equal(cut[~hole], original[~hole])
+        rows, cols = np.flatnonzero(hole.any(axis=1)), np.flatnonzero(hole.any(axis=0))
+        assert rows.size and cols.size
+        assert np.array_equal(hole, np.isin(np.arange(28), rows)[:, None] & np.isin(np.arange(28), cols))
+        for span in (rows, cols):
+            assert np.array_equal(span, np.arange(span[0], span[-1] + 1))      # contiguous
+            clipped = span[0] == 0 or span[-1] == 27
+            assert span.size == size or (clipped and span.size < size)
+
+
+def test_cut_out_centres_fall_everywhere_and_the_corners_get_clipped_squares():
+    """Over 2,000 images, every pixel is blacked out by some square (centres are uniform over
+    the whole image, so the border is covered too), and squares centred near a corner are cut to
+    the part inside the image: both full 8 x 8 squares and smaller ones occur."""
+    x = random_images(3, 2000, "float32")
+    out = fmnist.cut_out(x, np.random.default_rng(4), 8)
+    holes = out != x
+    assert holes.any(axis=0).all()
+    sizes = holes.sum(axis=1)
+    assert sizes.max() == 64 and sizes.min() < 64 and (sizes >= 16).all()   # 4 x 4 at worst
+
+
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["float32", "float64"]),
+       rate=st.floats(0.01, 0.9))
+def test_drop_pixels_zeroes_about_rate_of_the_pixels_and_rescales_the_rest(seed, dtype, rate):
+    """Inverted dropout on the inputs: each pixel becomes 0 or x / (1 - rate); the fraction
+    zeroed is rate within 5 standard deviations of a binomial over 64 x 784 pixels; and the mean
+    of out / x over the pixels is ~1: the expected input is unchanged, as for the hidden layers."""
+    x = random_images(seed, 64, dtype)
+    before = x.copy()
+    out = fmnist.drop_pixels(x, np.random.default_rng(seed), rate)
+    assert out.dtype == x.dtype and not np.shares_memory(out, x) and np.array_equal(x, before)
+    dropped = out == 0
+    np.testing.assert_allclose(out[~dropped], x[~dropped] / (1 - rate), rtol=4 * np.finfo(dtype).eps)
+    sd = math.sqrt(rate * (1 - rate) / x.size)
+    assert abs(dropped.mean() - rate) < 5 * sd
+    assert abs((out / x).mean() - 1) < 5 * sd / (1 - rate)
+
+
+def test_augment_applies_flip_shift_cutout_then_input_dropout_from_one_generator():
+    """augment with every option is the composition, in this order, each drawing from the
+    same generator in turn: a mirror-or-not and a shift (tested above), then the square, then
+    the dropped pixels. That order is part of the contract: it fixes which random numbers each
+    step gets, and so the training run."""
+    x = random_images(5, 8, "float32")
+    out = fmnist.augment(x, np.random.default_rng(6), flip=0.5, shift=2, cutout=6, input_dropout=0.2)
+    rng = np.random.default_rng(6)
+    steps = fmnist.augment(x, rng, flip=0.5, shift=2)
+    steps = fmnist.drop_pixels(fmnist.cut_out(steps, rng, 6), rng, 0.2)
+    assert np.array_equal(out, steps) and not out.flags.writeable
 
 
 # ================================================================================================
@@ -1221,7 +1328,8 @@ def test_cli_help_works_for_each_command(command):
     expected = {"": ["train", "evaluate"],
                 "train": ["--lr", "--dropout", "--hidden", "--limit", "--force", "--recipe",
                           "--lr-schedule", "--flip", "--shift", "--label-smoothing", "--average",
-                          "--flip-average", "--no-flip-average"],
+                          "--flip-average", "--no-flip-average", "--cutout", "--input-dropout",
+                          "--weight-decay"],
                 "evaluate": ["checkpoint", "--data-dir"]}["".join(command)]
     assert all(e in proc.stdout for e in expected), proc.stdout
 
@@ -1347,6 +1455,8 @@ BEST = fmnist.RECIPES["best"]
     (["--flip", "0.5", "--flip-average", "--shift", "2", "--label-smoothing", "0.1"],
      Config(flip=0.5, flip_average=True, shift=2, label_smoothing=0.1)),
     (["--recipe", "best", "--dropout", str(BEST.dropout)], BEST),    # the recipe's value, again
+    (["--recipe", "best", "--cutout", "8", "--input-dropout", "0.1", "--weight-decay", "0.05"],
+     dataclasses.replace(BEST, cutout=8, input_dropout=0.1, weight_decay=0.05)),
 ], ids=str)
 def test_explicit_flags_override_the_recipe_and_nothing_else(argv, expected):
     """A flag not given keeps the recipe's value (flags default to 'absent', not to the report's
@@ -1474,6 +1584,7 @@ def test_the_report_recipe_is_the_default_config_with_every_new_option_off():
     d = Config()
     assert (d.lr_schedule, d.flip, d.shift, d.label_smoothing, d.average, d.flip_average) == \
         ("constant", 0.0, 0, 0.0, 0.0, False)
+    assert (d.cutout, d.input_dropout, d.weight_decay) == (0, 0.0, 0.0)
     assert fmnist.state_arrays(d) == ("params", "m", "v", "best_params")
     assert fmnist.state_arrays(Config(average=0.5)) == ("params", "m", "v", "best_params", "model")
 
@@ -1517,13 +1628,14 @@ def reference_epoch(params, state, x, y, config, epoch):
     steps = -(-len(y) // config.batch_size)
     losses, correct = [], 0
     for idx in fmnist.batches(len(y), config.batch_size, rng):
-        xb = fmnist.augment(x[idx], rng, config.flip, config.shift)
+        xb = fmnist.augment(x[idx], rng, config.flip, config.shift, config.cutout,
+                            config.input_dropout)
         masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
         logits, cache = forward(params, xb, masks)
         grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
         lr = fmnist.learning_rate(config, state.step + 1, steps)
         params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
-                                  config.eps, config.l2)
+                                  config.eps, config.l2, config.weight_decay)
         losses.append(cross_entropy(logits, y[idx]) * len(idx))
         correct += int((logits.argmax(axis=1) == y[idx]).sum())
     return params, state, (sum(losses) / len(y), correct / len(y))
@@ -1547,15 +1659,17 @@ def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
 
 
 def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
-    """The same check with augmentation, label smoothing and the cosine schedule all on, in an
-    epoch after the first (so the schedule must count Adam steps over the whole run, not within
-    the epoch): per batch, augment then the dropout masks draw from the epoch's generator in that
-    order, backward gets the smoothing, and Adam step t gets learning_rate(config, t, steps).
+    """The same check with augmentation, label smoothing, AdamW and the cosine schedule all on,
+    in an epoch after the first (so the schedule must count Adam steps over the whole run, not
+    within the epoch): per batch, augment then the dropout masks draw from the epoch's generator
+    in that order, backward gets the smoothing, and Adam step t gets learning_rate(config, t,
+    steps) and the weight decay.
     (The test above is the report's recipe: there augment draws nothing and lr is constant.)
     The statistics stay the plain cross-entropy of the augmented batch: smoothing is a training
     target, not the measure reported."""
     config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230, epochs=3,
-                    lr_schedule="cosine", flip=0.5, shift=2, label_smoothing=0.2)
+                    lr_schedule="cosine", flip=0.5, shift=2, label_smoothing=0.2, cutout=9,
+                    input_dropout=0.2, weight_decay=0.5)
     splits = _tiny_splits(raw, 230, 10)
     x, y = splits.x_train, splits.y_train
     params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
@@ -2246,6 +2360,14 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--average nan": (["--average", "nan"], {"average": math.nan}),
     "--recipe best --flip 2": (["--recipe", "best", "--flip", "2"], {"flip": 2.0}),
     "--recipe best --flip 0": (["--recipe", "best", "--flip", "0"], {"flip": 0.0, "flip_average": True}),
+    "--cutout -1": (["--cutout", "-1"], {"cutout": -1}),
+    "--cutout 29 (larger than the image)": (["--cutout", "29"], {"cutout": 29}),
+    "--input-dropout 1": (["--input-dropout", "1"], {"input_dropout": 1.0}),
+    "--input-dropout nan": (["--input-dropout", "nan"], {"input_dropout": math.nan}),
+    "--weight-decay -0.1": (["--weight-decay", "-0.1"], {"weight_decay": -0.1}),
+    "--weight-decay nan": (["--weight-decay", "nan"], {"weight_decay": math.nan}),
+    "--weight-decay 1000 (x lr 1e-3 = 1: every weight to 0)":
+        (["--weight-decay", "1000"], {"weight_decay": 1000.0}),
 }
 
 

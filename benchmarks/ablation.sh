@@ -23,12 +23,17 @@ flags() {
         11) echo "--recipe best --lr 2e-3" ;;
         12) echo "--recipe best --hidden 2048,512,256" ;;
         13) echo "--recipe best --hidden 1024,1024,512,256" ;;
+        14) echo "--recipe best --input-dropout 0.1" ;;
+        15) echo "--recipe best --input-dropout 0.2" ;;
+        16) echo "--recipe best --cutout 8" ;;
+        17) echo "--recipe best --l2 0 --weight-decay 0.05" ;;
+        18) echo "--recipe best --l2 0 --weight-decay 0.2" ;;
         c1) echo "--lr-schedule cosine --epochs 60 --patience 0" ;;
         c2) echo "--recipe best --flip 0 --no-flip-average" ;;
         *)  echo "unknown row $1" >&2; exit 2 ;;
     esac
 }
-for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 c1 c2}; do
+for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 c1 c2}; do
     f=$(flags "$row")
     echo "row $row: python fmnist.py train $f"
     out="runs/ablation/$row-seed${SEED:-42}"

@@ -231,6 +231,34 @@ def bench_gemm_floor(splits, config, repeats: int) -> dict:
             "repeats": runs, "train_steps": len(steps), "validation_rows": len(splits.y_val)}
 
 
+def bench_adam(splits, config, repeats: int) -> dict:
+    """Seconds of one epoch's Adam updates alone: `fmnist.adam_update` on the recipe's flat
+    parameter vector, once per training step, in place as `train_epoch` runs it, on ordinary
+    numbers. Added to the GEMM floor it is the least an epoch can take with this project's Adam
+    kernel: both are work no step can skip, and NumPy runs Adam's elementwise passes on one core.
+    Median of `repeats` runs after one warm-up run."""
+    rng = np.random.default_rng(1)
+    params = fmnist.init_params(config.layer_sizes, config.seed, "float32")
+    p = params.flat.copy()
+    g = rng.standard_normal(p.size, dtype=np.float32) * np.float32(1e-3)
+    m, v = g * np.float32(0.1), g * g
+    steps = len(batch_sizes(len(splits.y_train), config.batch_size))
+
+    def one_epoch() -> float:
+        started = time.perf_counter()
+        for t in range(1, steps + 1):
+            fmnist.adam_update(p, g, m, v, p, m, v, params.num_weights, t, config.lr,
+                               config.beta1, config.beta2, config.eps, config.l2)
+        return time.perf_counter() - started
+
+    one_epoch()
+    runs = [one_epoch() for _ in range(repeats)]
+    print(f"  Adam updates: {', '.join(f'{t:.3f}' for t in runs)} s", flush=True)
+    return {"name": "Adam updates only (fmnist.adam_update)",
+            "seconds_per_epoch": statistics.median(runs), "repeats": runs, "train_steps": steps,
+            "parameters": int(p.size)}
+
+
 # ================================================================================================
 # 2. This project
 # ================================================================================================
@@ -446,6 +474,7 @@ def compute_ratios(c: dict) -> dict:
         "project / PyTorch flush_denormal": ratio(s["project"], s["torch_ftz"]),
         "project / scikit-learn": ratio(s["project"], s["sklearn"]),
         "project / GEMM floor": ratio(s["project"], s["floor"]),
+        "(GEMM floor + Adam) / PyTorch": ratio((s["floor"] or 0) + (s["adam"] or 0), s["torch"]),
         "PyTorch / GEMM floor": ratio(s["torch"], s["floor"]),
         "PyTorch flush_denormal / GEMM floor": ratio(s["torch_ftz"], s["floor"]),
         "scikit-learn / GEMM floor": ratio(s["sklearn"], s["floor"]),
@@ -458,13 +487,13 @@ def format_table(report: dict) -> str:
              f"{cfg['batch_size']}, {report['n_train']:,} train / {report['n_val']:,} validation; "
              f"median over epochs 2..{report['epochs']} (epoch 1 is warm-up)", "",
              f"{'contender':<44} {'s/epoch':>8} {'train':>7} {'valid':>7} {'val acc':>8}"]
-    for key in ("floor", "project", "torch", "torch_ftz", "sklearn"):
+    for key in ("floor", "adam", "project", "torch", "torch_ftz", "sklearn"):
         r = c.get(key)
         if r is None:
             continue
         if r.get("skipped"):
             lines.append(f"{r['name']:<44} {'skipped: ' + r['skipped']}")
-        elif key == "floor":
+        elif key in ("floor", "adam"):
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f}")
         else:
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f} "
@@ -541,6 +570,7 @@ def run(args: argparse.Namespace) -> dict:
     splits = fmnist.make_splits(fmnist.load_fashion_mnist(args.data_dir), config)
     print("GEMM floor", flush=True)
     c = {"floor": bench_gemm_floor(splits, config, args.gemm_repeats)}
+    c["adam"] = bench_adam(splits, config, args.gemm_repeats)
     print("this project", flush=True)
     c["project"] = bench_project(splits, config, args.epochs)
     print("scikit-learn", flush=True)
