@@ -163,7 +163,7 @@ RECIPES = {
     "report": Config(),
     # README, "How far can an MLP go": every choice made on the validation split.
     "best": Config(hidden=(1024, 512, 256), epochs=60, patience=0, lr_schedule="cosine",
-                   flip=0.5, flip_average=True),
+                   flip=0.5, flip_average=True, l2=0.0, weight_decay=0.5),
 }
 
 
