@@ -149,7 +149,8 @@ def check_config(c: Config) -> None:
          f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, got {c.cutout}"),
         (0.0 <= c.input_dropout < 1.0, f"input dropout must be in [0, 1), got {c.input_dropout}"),
         (0.0 <= c.weight_decay and c.weight_decay * c.lr < 1.0,   # else a step flips signs
-         f"weight decay must be >= 0 with weight decay * lr below 1, got {c.weight_decay}"),
+         f"weight decay must be >= 0 with weight decay * lr below 1, got weight decay "
+         f"{c.weight_decay} and lr {c.lr}"),
         (c.flip > 0 or not c.flip_average,
          "flip averaging at prediction needs a network trained on mirror images (flip > 0); "
          "add --no-flip-average"),
@@ -567,6 +568,9 @@ def cut_out(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     (DeVries and Taylor, 2017). The square's centre is uniform over the 28 x 28 pixels, so near
     an edge only part of it falls inside the image. The network must then recognise an item
     from what is left of it, instead of leaning on a few pixels. A new array."""
+    if not (isinstance(size, (int, np.integer)) and 0 <= size <= IMAGE_SHAPE[0]):
+        raise ValueError(f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, "
+                         f"got {size}")
     B, r = len(x), np.arange(IMAGE_SHAPE[0])
     centre_row, centre_col = rng.integers(0, IMAGE_SHAPE[0], size=(2, B))           # (B,) each
     first_row, first_col = centre_row - size // 2, centre_col - size // 2
@@ -581,6 +585,8 @@ def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndar
     after normalisation) with probability `rate`, the others are divided by 1 - rate, as
     `dropout_masks` does for the hidden layers (Srivastava et al. used 0.2 on MNIST's pixels).
     A new array."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"input dropout must be in [0, 1), got {rate}")
     keep = rng.random(x.shape, dtype=np.float32) >= rate                           # (B, 784) bool
     return x * keep * (1.0 / (1.0 - rate))
 
@@ -1055,15 +1061,17 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     also shrink by the factor 1 - lr * weight_decay, outside Adam's division by sqrt(v):
         p_t = (1 - lr weight_decay) p - lr/(1 - beta1^t) * m_t / (sqrt(v_t / (1 - beta2^t)) + eps)
     L2 instead goes through that division, so weights with large, noisy gradients are decayed
-    less than quiet ones; AdamW decays every weight at the same rate.
+    less than quiet ones; AdamW decays every weight at the same rate. (The decay is multiplied
+    by lr, as in PyTorch's AdamW; the paper multiplies it by the schedule's factor alone, so
+    weight_decay 0.5 with lr 1e-3 here is its 5e-4.)
     """
     if not 0.0 < lr < math.inf:
         raise ValueError(f"learning rate must be > 0 and finite, got {lr}")
     if not 0.0 <= l2 < math.inf:
         raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
     if not (0.0 <= weight_decay and weight_decay * lr < 1.0):
-        raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, "
-                         f"got {weight_decay}")
+        raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, got weight "
+                         f"decay {weight_decay} and lr {lr}")
     params, grads = Params.from_arrays(params), Params.from_arrays(grads)
     if grads.shapes != params.shapes:
         raise ValueError(f"gradients {grads.shapes} do not match parameters {params.shapes}")
@@ -1349,7 +1357,8 @@ def _inference(params: Mapping, x: np.ndarray) -> np.ndarray:
     """`forward(params, x)[0]` (no dropout) without building the cache that only backward needs:
     ReLU as one np.maximum in place, instead of a gate array and a multiplication. The logits
     are the same; only a zero's sign may differ (ReLU(-3) is -0.0 in forward), which no sum,
-    softmax or argmax can tell apart."""
+    softmax or argmax can tell apart. (A network that has blown up to -inf pre-activations
+    differs too: forward's -inf * 0 is NaN, np.maximum's is 0.)"""
     L = num_layers(params)
     A = x
     for l in range(1, L):

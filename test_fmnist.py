@@ -228,7 +228,8 @@ def _call_train_epoch():
 def _call_train_epoch_with_every_option():
     """Augmentation needs whole 28 x 28 images, so 784 inputs here."""
     config = Config(hidden=(8,), batch_size=4, dtype="float64", lr_schedule="cosine", flip=0.5,
-                    shift=1, label_smoothing=0.1, average=0.5, flip_average=True)
+                    shift=1, label_smoothing=0.1, average=0.5, flip_average=True, cutout=5,
+                    input_dropout=0.1, weight_decay=0.5)
     params = writable(init_params(config.layer_sizes, seed=1, dtype="float64"))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(10, 784)), rng.integers(0, 10, size=10)
@@ -238,6 +239,18 @@ def _call_train_epoch_with_every_option():
 def _call_augment():
     x = np.random.default_rng(0).normal(size=(6, 784))
     return fmnist.augment, (x, np.random.default_rng(1), 0.5, 2)
+
+
+def _call_augment_cutout_and_input_dropout_only():
+    """No flip or shift: cut_out then starts from x itself, not from a copy."""
+    x = np.random.default_rng(0).normal(size=(6, 784))
+    return fmnist.augment, (x, np.random.default_rng(1), 0.0, 0, 7, 0.3)
+
+
+def _call_adamw_step():
+    """AdamW with L2 too: the shrink path of the kernel, writing into fresh arrays."""
+    params, state_args = _call_adam_step()[1][0], _call_adam_step()[1][1:3]
+    return adam_step, (params, *state_args, 1e-2, 0.9, 0.999, 1e-8, 1e-3, 0.5)
 
 
 def _call_average_params():
@@ -253,6 +266,8 @@ PURE_CALLS = {   # name -> () -> (function, fresh writable arguments)
     "train_epoch": _call_train_epoch,
     "train_epoch (all options)": _call_train_epoch_with_every_option,
     "augment": _call_augment,
+    "augment (cutout and input dropout only)": _call_augment_cutout_and_input_dropout_only,
+    "adam_step (AdamW)": _call_adamw_step,
     "average_params": _call_average_params,
     "evaluate": lambda: (evaluate, _setup()[:3]),
     "predict_logits": lambda: (predict_logits, (_setup()[0], _setup()[1], 3)),
@@ -273,7 +288,8 @@ def test_public_functions_leave_their_inputs_unchanged(name):
 
 @pytest.mark.parametrize("name", ["init_params", "forward", "backward", "adam_step", "train_epoch",
                                   "train_epoch (all options)", "evaluate", "dropout_masks",
-                                  "make_splits", "augment", "average_params"])
+                                  "make_splits", "augment", "augment (cutout and input dropout only)",
+                                  "adam_step (AdamW)", "average_params"])
 def test_returned_arrays_are_read_only(name):
     """Read-only results turn 'never writes into its inputs' into a check for every later caller."""
     fn, args = PURE_CALLS[name]()
@@ -393,7 +409,7 @@ def test_adamw_two_steps_match_the_formula_by_hand():
         np.testing.assert_allclose(state.v[k], v, rtol=1e-12)
 
 
-@given(seed=st.integers(0, 2**32 - 1), wd=st.floats(0.0, 100.0), lr=st.floats(1e-5, 1e-2),
+@given(seed=st.integers(0, 2**32 - 1), wd=st.floats(0.0, 99.0), lr=st.floats(1e-5, 1e-2),
        dtype=st.sampled_from(["float32", "float64"]))
 def test_adamw_with_no_gradient_only_shrinks_the_weights(seed, wd, lr, dtype):
     """With a zero gradient (and zero moments) Adam moves nothing, so AdamW's step is the decay
@@ -680,6 +696,19 @@ def test_drop_pixels_zeroes_about_rate_of_the_pixels_and_rescales_the_rest(seed,
     sd = math.sqrt(rate * (1 - rate) / x.size)
     assert abs(dropped.mean() - rate) < 5 * sd
     assert abs((out / x).mean() - 1) < 5 * sd / (1 - rate)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, rng: fmnist.cut_out(x, rng, -3), lambda x, rng: fmnist.cut_out(x, rng, 29),
+    lambda x, rng: fmnist.cut_out(x, rng, 2.5), lambda x, rng: fmnist.drop_pixels(x, rng, 1.0),
+    lambda x, rng: fmnist.drop_pixels(x, rng, -0.1), lambda x, rng: fmnist.drop_pixels(x, rng, math.nan),
+], ids=["cutout -3", "cutout 29", "cutout 2.5", "input dropout 1", "input dropout -0.1",
+        "input dropout nan"])
+def test_cut_out_and_drop_pixels_refuse_settings_out_of_range(call):
+    """The public functions check their own arguments, with Config's sentence, rather than
+    returning all zeros (rate 1.5), dividing by zero (rate 1) or doing nothing (size -3)."""
+    with pytest.raises(ValueError, match="cutout|input dropout"):
+        call(random_images(0, 2, "float32"), np.random.default_rng(0))
 
 
 def test_augment_applies_flip_shift_cutout_then_input_dropout_from_one_generator():
@@ -1488,7 +1517,9 @@ def configs(draw) -> Config:
         "dtype": st.sampled_from(["float32", "float64"]), "limit": st.none() | st.integers(1, 50_000),
         "lr_schedule": st.sampled_from(["constant", "cosine"]), "flip": st.floats(0, 1),
         "shift": st.integers(0, fmnist.MAX_SHIFT), "label_smoothing": st.floats(0, 1, exclude_max=True),
-        "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans()}))
+        "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans(),
+        "cutout": st.integers(0, 28), "input_dropout": st.floats(0, 1, exclude_max=True),
+        "weight_decay": st.floats(0, 0.99)}))
     base = fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))]
     if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
         changes["flip_average"] = False
@@ -2368,6 +2399,8 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--weight-decay nan": (["--weight-decay", "nan"], {"weight_decay": math.nan}),
     "--weight-decay 1000 (x lr 1e-3 = 1: every weight to 0)":
         (["--weight-decay", "1000"], {"weight_decay": 1000.0}),
+    "--recipe best --lr 2 (x its weight decay 0.5 = 1)":
+        (["--recipe", "best", "--lr", "2"], {"weight_decay": 0.5, "lr": 2.0, "l2": 0.0}),
 }
 
 

@@ -248,7 +248,8 @@ def bench_adam(splits, config, repeats: int) -> dict:
         started = time.perf_counter()
         for t in range(1, steps + 1):
             fmnist.adam_update(p, g, m, v, p, m, v, params.num_weights, t, config.lr,
-                               config.beta1, config.beta2, config.eps, config.l2)
+                               config.beta1, config.beta2, config.eps, config.l2,
+                               config.weight_decay)
         return time.perf_counter() - started
 
     one_epoch()
@@ -474,7 +475,9 @@ def compute_ratios(c: dict) -> dict:
         "project / PyTorch flush_denormal": ratio(s["project"], s["torch_ftz"]),
         "project / scikit-learn": ratio(s["project"], s["sklearn"]),
         "project / GEMM floor": ratio(s["project"], s["floor"]),
-        "(GEMM floor + Adam) / PyTorch": ratio((s["floor"] or 0) + (s["adam"] or 0), s["torch"]),
+        "(GEMM floor + Adam) / PyTorch": ratio(
+            s["floor"] + s["adam"] if s["floor"] is not None and s["adam"] is not None else None,
+            s["torch"]),
         "PyTorch / GEMM floor": ratio(s["torch"], s["floor"]),
         "PyTorch flush_denormal / GEMM floor": ratio(s["torch_ftz"], s["floor"]),
         "scikit-learn / GEMM floor": ratio(s["sklearn"], s["floor"]),
