@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 flags() {
     # Rows 3-16 build on row 4, the best recipe before AdamW (L2 instead of weight decay);
-    # rows 17-20 vary the weight decay of today's --recipe best, which is row 19.
+    # rows 17-22 vary today's --recipe best, which is row 19.
     b4="--recipe best --l2 1e-4 --weight-decay 0"
     case "$1" in
         0)  echo "" ;;
@@ -33,13 +33,15 @@ flags() {
         18) echo "--recipe best --weight-decay 0.2" ;;
         19) echo "--recipe best" ;;
         20) echo "--recipe best --weight-decay 1" ;;
+        21) echo "--recipe best --epochs 100" ;;
+        22) echo "--recipe best --hidden 2048,512,256" ;;
         c1) echo "--lr-schedule cosine --epochs 60 --patience 0" ;;
         c2) echo "$b4 --flip 0 --no-flip-average" ;;
         c3) echo "$b4 --limit 40000" ;;
         *)  echo "unknown row $1" >&2; exit 2 ;;
     esac
 }
-for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 c1 c2 c3}; do
+for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 c1 c2 c3}; do
     f=$(flags "$row")
     echo "row $row: python fmnist.py train $f"
     out="runs/ablation/$row-seed${SEED:-42}"
