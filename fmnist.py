@@ -1571,9 +1571,9 @@ def save_state(path: Path, state: TrainState, config: Config, history: list[dict
     meta = json.dumps({"format": STATE_FORMAT, "config": config.to_json(),
                        "step": state.opt_state.step, "epoch": state.epoch,
                        "best": list(state.best), "history": history})
-    flats = (state.params.flat, state.opt_state.m.flat, state.opt_state.v.flat,
-             state.best_params.flat) + ((state.model.flat,) if config.average else ())
-    arrays = dict(zip(state_arrays(config), flats)) | {"meta": np.array(meta)}
+    flats = {"params": state.params.flat, "m": state.opt_state.m.flat, "v": state.opt_state.v.flat,
+             "best_params": state.best_params.flat, "model": state.model.flat}
+    arrays = {name: flats[name] for name in state_arrays(config)} | {"meta": np.array(meta)}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

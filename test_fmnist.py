@@ -1672,6 +1672,17 @@ def reference_epoch(params, state, x, y, config, epoch):
     return params, state, (sum(losses) / len(y), correct / len(y))
 
 
+def assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after):
+    """train_epoch and reference_epoch, from the same start, give bit-identical parameters,
+    moments and statistics, and both end at Adam step `steps_after`."""
+    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
+    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
+    assert bits(fast_params) == bits(params)
+    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
+    assert fast_state.step == state.step == steps_after
+    assert stats == reference_stats
+
+
 def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
     """train_epoch updates its own buffers in place for speed; that must be invisible: the same
     epoch written as a loop of the pure public functions gives bit-identical parameters, moments
@@ -1681,12 +1692,7 @@ def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
     x, y = splits.x_train, splits.y_train
     params = init_params(config.layer_sizes, 3)
     state = adam_init(params)
-    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
-    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
-    assert bits(fast_params) == bits(params)
-    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
-    assert fast_state.step == state.step == 5
-    assert stats == reference_stats
+    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=5)
 
 
 def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
@@ -1705,12 +1711,7 @@ def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_
     x, y = splits.x_train, splits.y_train
     params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
                                    adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
-    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
-    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
-    assert bits(fast_params) == bits(params)
-    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
-    assert fast_state.step == state.step == 10
-    assert stats == reference_stats
+    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=10)
 
 
 # ================================================================================================

@@ -198,6 +198,15 @@ def backward_gemms(buf: dict, W: list[np.ndarray]) -> None:
             np.matmul(buf["Z"][l], w.T, out=buf["dA"][l])                      # dA = dZ_l W_l^T
 
 
+def repeat_timed(one_epoch, repeats: int, label: str) -> list[float]:
+    """Seconds of `repeats` calls of one_epoch() (which times itself), after one untimed warm-up
+    call; printed as they come."""
+    one_epoch()
+    runs = [one_epoch() for _ in range(repeats)]
+    print(f"  {label}: {', '.join(f'{t:.3f}' for t in runs)} s", flush=True)
+    return runs
+
+
 def bench_gemm_floor(splits, config, repeats: int) -> dict:
     """Seconds of matrix products in one epoch: per training batch the forward products, the
     weight gradients and the input gradients (all layers but the first: nothing needs dL/dX), then
@@ -223,9 +232,7 @@ def bench_gemm_floor(splits, config, repeats: int) -> dict:
         forward_gemms(val, W)
         return time.perf_counter() - started
 
-    one_epoch()
-    runs = [one_epoch() for _ in range(repeats)]
-    print(f"  GEMM floor: {', '.join(f'{t:.3f}' for t in runs)} s", flush=True)
+    runs = repeat_timed(one_epoch, repeats, "GEMM floor")
     return {"name": "GEMM floor (matrix products only)",
             "seconds_per_epoch": statistics.median(runs),
             "repeats": runs, "train_steps": len(steps), "validation_rows": len(splits.y_val)}
@@ -252,9 +259,7 @@ def bench_adam(splits, config, repeats: int) -> dict:
                                config.weight_decay)
         return time.perf_counter() - started
 
-    one_epoch()
-    runs = [one_epoch() for _ in range(repeats)]
-    print(f"  Adam updates: {', '.join(f'{t:.3f}' for t in runs)} s", flush=True)
+    runs = repeat_timed(one_epoch, repeats, "Adam updates")
     return {"name": "Adam updates only (fmnist.adam_update)",
             "seconds_per_epoch": statistics.median(runs), "repeats": runs, "train_steps": steps,
             "parameters": int(p.size)}
