@@ -101,6 +101,7 @@ class Config:
     cutout: int = 0                            # side of a square of background pasted per image
     input_dropout: float = 0.0                 # dropout rate on the input pixels
     weight_decay: float = 0.0                  # AdamW's decoupled decay of the weights, per unit lr
+    batch_norm: bool = False                   # normalise each hidden pre-activation over the batch
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -151,6 +152,8 @@ def check_config(c: Config) -> None:
         (0.0 <= c.weight_decay and c.weight_decay * c.lr < 1.0,   # else a step flips signs
          f"weight decay must be >= 0 with weight decay * lr below 1, got weight decay "
          f"{c.weight_decay} and lr {c.lr}"),
+        (not (c.batch_norm and c.average),
+         "batch norm and a running average of weights do not combine here; drop one of them"),
         (c.flip > 0 or not c.flip_average,
          "flip averaging at prediction needs a network trained on mirror images (flip > 0); "
          "add --no-flip-average"),
@@ -674,7 +677,12 @@ class Params(Mapping):
 
 
 def num_layers(params: Mapping) -> int:
-    return len(params) // 2
+    return sum(1 for name in params if is_weight(name))
+
+
+def has_batch_norm(params: Mapping) -> bool:
+    """Whether the network normalises its hidden layers over the batch (it has scales g1, ...)."""
+    return "g1" in params
 
 
 def layer_sizes_of(params: Mapping) -> tuple[int, ...]:
@@ -696,10 +704,14 @@ def num_parameters(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def param_shapes(layer_sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def param_shapes(layer_sizes: Sequence[int], batch_norm: bool = False) -> dict[str, tuple[int, ...]]:
+    """W_l (fan_in, fan_out) and b_l (fan_out,) per layer; with batch norm also a scale g_l
+    (fan_out,) per hidden layer (see `batch_norm_forward`)."""
+    shapes, L = {}, len(layer_sizes) - 1
     for l, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:]), start=1):
         shapes[f"W{l}"], shapes[f"b{l}"] = (fan_in, fan_out), (fan_out,)
+        if batch_norm and l < L:
+            shapes[f"g{l}"] = (fan_out,)
     return shapes
 
 
@@ -708,8 +720,9 @@ def param_shapes(layer_sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
 # ================================================================================================
 
 def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 42,
-                dtype: str = "float32") -> Params:
-    """He-normal weights for the ReLU layers, Xavier (Glorot) normal for the output, zero biases.
+                dtype: str = "float32", batch_norm: bool = False) -> Params:
+    """He-normal weights for the ReLU layers, Xavier (Glorot) normal for the output, zero biases;
+    with batch norm, scales g = 1 (the weights are the same draws either way).
 
     He: std = sqrt(2 / fan_in) keeps the variance of activations constant through ReLUs, which
     zero half their inputs. Xavier: std = sqrt(2 / (fan_in + fan_out)) suits the linear output.
@@ -719,12 +732,14 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     rng = np.random.default_rng(seed)
-    shapes = param_shapes(layer_sizes)
+    shapes = param_shapes(layer_sizes, batch_norm)
     flat = np.zeros(num_parameters(shapes), dtype=dtype)
     views, L = split_flat(flat, shapes), len(layer_sizes) - 1     # writable views into flat
     for l, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:]), start=1):
         std = math.sqrt(2.0 / fan_in) if l < L else math.sqrt(2.0 / (fan_in + fan_out))
         views[f"W{l}"][...] = rng.normal(0.0, std, size=(fan_in, fan_out))
+        if f"g{l}" in views:
+            views[f"g{l}"][...] = 1.0
     return Params(flat, shapes)
 
 
@@ -750,12 +765,14 @@ class Cache(NamedTuple):
     """What backward needs from forward: each layer's input A, each hidden layer's gate, the logits.
 
     gate = 1[Z > 0] * mask is the derivative of dropout(ReLU(Z)) with respect to Z: a diagonal
-    matrix, stored as its diagonal. With no dropout it is the boolean 1[Z > 0].
+    matrix, stored as its diagonal. With no dropout it is the boolean 1[Z > 0]. With batch norm
+    Z is the normalised layer's output, and `norms` keeps what its backward pass needs.
     """
 
     inputs: tuple[np.ndarray, ...]   # A0 = X, A1, ..., A_{L-1}; A_l is (B, n_l)
     gates: tuple[np.ndarray, ...]    # one per hidden layer, (B, n_l)
     logits: np.ndarray               # Z_L, (B, 10)
+    norms: tuple[BatchNorm, ...] = ()   # one per hidden layer, with batch norm only
 
 
 def check_inputs(params: Mapping, x: np.ndarray, y: np.ndarray | None = None) -> None:
@@ -786,11 +803,15 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
     the identity then, which is the point of *inverted* dropout).
     """
     check_inputs(params, x)
-    L = num_layers(params)
-    A, inputs, gates = x, [], []
+    L, normalise_batch = num_layers(params), has_batch_norm(params)
+    A, inputs, gates, norms = x, [], [], []
     for l in range(1, L):
         Z = A @ params[f"W{l}"]                               # (B, n_l)
-        Z += params[f"b{l}"]
+        if normalise_batch:
+            Z, norm = batch_norm_forward(Z, params[f"g{l}"], params[f"b{l}"])
+            norms.append(norm)
+        else:
+            Z += params[f"b{l}"]
         gate = Z > 0                                          # ReLU'(Z), (B, n_l) bool
         if masks is not None:
             gate = np.multiply(gate, masks[l - 1])            # ... times the dropout mask
@@ -800,7 +821,59 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
     logits = A @ params[f"W{L}"]                              # (B, 10)
     logits += params[f"b{L}"]
     inputs.append(A)
-    return _readonly(logits), Cache(tuple(inputs), tuple(gates), logits)
+    return _readonly(logits), Cache(tuple(inputs), tuple(gates), logits, tuple(norms))
+
+
+class BatchNorm(NamedTuple):
+    """What batch norm's backward pass needs: the normalised pre-activations and 1 / std."""
+
+    normalised: np.ndarray           # Z_hat = (Z - mean) / std, (B, n), each column mean 0, var 1
+    inv_std: np.ndarray              # 1 / sqrt(var + BN_EPS) per unit, (n,)
+
+
+BN_EPS = 1e-5           # keeps 1 / std finite for a unit that is constant over the batch
+
+
+def batch_norm_forward(Z: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, BatchNorm]:
+    """Batch normalisation (Ioffe and Szegedy, 2015): g * (Z - mean) / std + b, with the mean and
+    variance of each unit (column) over the batch. Returns a fresh (B, n) array and the cache.
+
+    Whatever the weights below do, each unit enters the ReLU with the spread g and the centre b
+    that training chose, so a change in one layer no longer shifts the inputs of the next, and
+    the batch's noise in mean and std regularises a little. The bias moves after the
+    normalisation: added before it, the mean subtraction would cancel it. At prediction there is
+    no batch: `fold_batch_norm` puts the training set's mean and std in their place.
+    """
+    mean = Z.mean(axis=0)                                     # (n,)
+    centred = Z - mean                                        # (B, n)
+    inv_std = 1.0 / np.sqrt(np.mean(np.square(centred), axis=0) + BN_EPS)   # (n,)
+    normalised = np.multiply(centred, inv_std, out=centred)   # (B, n)
+    out = normalised * g                                      # (B, n)
+    out += b
+    return out, BatchNorm(_readonly(normalised), _readonly(inv_std.astype(Z.dtype, copy=False)))
+
+
+def batch_norm_backward(dOut: np.ndarray, norm: BatchNorm, g: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dL/dZ, dL/dg, dL/db) from dL/dOut, for out = g * Z_hat + b over a batch of B rows.
+
+        db = sum_rows dOut                 dg = sum_rows dOut * Z_hat
+        dZ = g / (B std) * (B dOut - db - Z_hat dg)
+
+    The last line is the classic one: every row's Z enters the batch's mean and std, so dZ of one
+    row gets, besides its own dOut, two corrections shared by the whole batch. They remove from
+    dOut its mean and its part along Z_hat, the two directions in which the normalisation cannot
+    move its output, so each column of dZ sums to zero and is orthogonal to Z_hat (up to a term
+    in BN_EPS, which lets a column's scale matter a little).
+    """
+    B = dOut.shape[0]
+    db = dOut.sum(axis=0)                                     # (n,)
+    dg = np.einsum("ij,ij->j", dOut, norm.normalised)         # (n,)
+    dZ = dOut * B                                             # (B, n)
+    dZ -= db
+    dZ -= norm.normalised * dg
+    dZ *= g * norm.inv_std / B
+    return dZ, dg, db
 
 
 # ================================================================================================
@@ -888,6 +961,8 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
         db_l = sum over the batch of dZ_l          (fan_out,)
         dA_{l-1} = dZ_l W_l^T                      (B, fan_in)
         dZ_{l-1} = dA_{l-1} * gate_{l-1}           ReLU and dropout, elementwise
+    With batch norm, a hidden layer's dZ_l first goes back through the normalisation
+    (`batch_norm_backward`, which also gives dg_l and db_l).
 
     One line is about speed, not math: entries of dL/dZ_L below 1e-19 (float32) are set to zero.
     Confidently classified examples give probabilities like 1e-30, which multiplied through the
@@ -908,10 +983,14 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
         A_prev, W = cache.inputs[l - 1], params[f"W{l}"]
+        if l < L and cache.norms:                             # back through the batch norm
+            dZ, grads[f"g{l}"][...], grads[f"b{l}"][...] = batch_norm_backward(
+                dZ, cache.norms[l - 1], params[f"g{l}"])
+        else:
+            np.sum(dZ, axis=0, out=grads[f"b{l}"])            # (fan_out,)
         np.matmul(A_prev.T, dZ, out=grads[f"W{l}"])           # (fan_in, fan_out)
         if l2:
             grads[f"W{l}"] += (2.0 * l2) * W
-        np.sum(dZ, axis=0, out=grads[f"b{l}"])                # (fan_out,)
         if l > 1:
             dA = dZ @ W.T                                     # (B, fan_in)
             dZ = np.multiply(dA, cache.gates[l - 2], out=dA)  # (B, fan_in)
@@ -940,7 +1019,8 @@ class GradcheckCase(NamedTuple):
 
 
 def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0,
-                   dropout: float = 0.3, l2: float = 1e-3) -> GradcheckCase:
+                   dropout: float = 0.3, l2: float = 1e-3, batch_norm: bool = False
+                   ) -> GradcheckCase:
     """A random float64 network, batch, labels and one fixed dropout mask, every kept hidden
     pre-activation at least 1000 h away from ReLU's kink at 0.
 
@@ -952,7 +1032,8 @@ def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0
     rng = np.random.default_rng(seed)
     sizes = (NUM_INPUTS, *hidden, NUM_CLASSES)
     for _ in range(100):
-        arrays = {k: np.array(a) for k, a in init_params(sizes, rng.integers(2**32), "float64").items()}
+        arrays = {k: np.array(a) for k, a in
+                  init_params(sizes, rng.integers(2**32), "float64", batch_norm).items()}
         for name, a in arrays.items():
             if not is_weight(name):                                   # +-[1/16, 1], never 0
                 arrays[name] = rng.uniform(1 / 16, 1, a.shape) * rng.choice([-1.0, 1.0], a.shape)
@@ -970,7 +1051,10 @@ def _distance_to_kink(params: Mapping, x: np.ndarray, masks) -> float:
     _, cache = forward(params, x, masks)
     distance = np.inf
     for l in range(1, num_layers(params)):
-        Z = cache.inputs[l - 1] @ params[f"W{l}"] + params[f"b{l}"]   # (B, n_l)
+        if cache.norms:                                               # ReLU's input, (B, n_l)
+            Z = cache.norms[l - 1].normalised * params[f"g{l}"] + params[f"b{l}"]
+        else:
+            Z = cache.inputs[l - 1] @ params[f"W{l}"] + params[f"b{l}"]
         kept = np.ones(Z.shape, bool) if masks is None else masks[l - 1] != 0
         distance = min(distance, float(np.abs(Z[kept]).min(initial=np.inf)))
     return distance
@@ -1290,7 +1374,7 @@ class TrainState(NamedTuple):
 
 
 def initial_state(config: Config) -> TrainState:
-    params = init_params(config.layer_sizes, config.seed, config.dtype)
+    params = init_params(config.layer_sizes, config.seed, config.dtype, config.batch_norm)
     return TrainState(params, adam_init(params), 0, Best(), params, params)
 
 
@@ -1310,6 +1394,8 @@ def fit(splits: Splits, config: Config = Config(), state: TrainState | None = No
                                                splits.y_train, config, epoch, on_step)
         averaging = config.average and epoch > 1          # it starts at epoch 1's parameters
         model = average_params(state.model, params, config.average) if averaging else params
+        if config.batch_norm:                             # predict with fixed statistics
+            model = fold_batch_norm(params, splits.x_train[:BN_STATISTICS_IMAGES])
         val = evaluate(model, splits.x_val, splits.y_val, flip_average=config.flip_average)
         best = early_stopping_update(state.best, epoch, val.correct)
         best_params = model if best.epoch == epoch else state.best_params
@@ -1345,6 +1431,9 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     average, so argmax, softmax and cross_entropy work on them unchanged.
     """
     check_inputs(params, x)
+    if has_batch_norm(params):
+        raise ValueError("a network with batch norm predicts through its plain equivalent: "
+                         "pass fold_batch_norm(params, x_train) (fit does this every epoch)")
     logits = np.concatenate([_inference(params, x[i:i + chunk]) for i in range(0, len(x), chunk)]
                             or [np.empty((0, NUM_CLASSES))])
     if not flip_average:
@@ -1360,14 +1449,56 @@ def _inference(params: Mapping, x: np.ndarray) -> np.ndarray:
     softmax or argmax can tell apart. (A network that has blown up to -inf pre-activations
     differs too: forward's -inf * 0 is NaN, np.maximum's is 0.)"""
     L = num_layers(params)
-    A = x
-    for l in range(1, L):
-        Z = A @ params[f"W{l}"]                               # (B, n_l)
-        Z += params[f"b{l}"]
-        A = np.maximum(Z, 0.0, out=Z)
+    A = _hidden_layers(params, x, L - 1)                      # (B, n_{L-1})
     logits = A @ params[f"W{L}"]                              # (B, 10)
     logits += params[f"b{L}"]
     return logits
+
+
+def _hidden_layers(params: Mapping, x: np.ndarray, layers: int) -> np.ndarray:
+    """The output of the first `layers` hidden layers of a plain network (no dropout)."""
+    A = x
+    for l in range(1, layers + 1):
+        Z = A @ params[f"W{l}"]                               # (B, n_l)
+        Z += params[f"b{l}"]
+        A = np.maximum(Z, 0.0, out=Z)
+    return A
+
+
+BN_STATISTICS_IMAGES = 10_000   # training images whose statistics replace the batch's at prediction
+
+
+def fold_batch_norm(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK) -> Params:
+    """The plain network (W and b only) that predicts as the batch-norm network `params` does,
+    with each unit's mean and variance over the images x in place of a batch's.
+
+    At prediction the statistics must not depend on which other images share the batch, so they
+    are fixed: here the mean and variance of each pre-activation over x (training images, no
+    dropout: the network as it will be used; "precise batch norm"). Then
+        g (z - mean) / std + b = z (g / std) + (b - mean g / std)
+    is linear in z, so it folds into the layer: W' = W * (g / std), column by column, and
+    b' = b - mean * g / std. Layer by layer, since each layer's statistics are those of the
+    network already folded below it. Everything downstream (evaluate, checkpoints, ensembles,
+    predict) then sees an ordinary network.
+    """
+    check_inputs(params, x)
+    if not has_batch_norm(params):
+        raise ValueError("fold_batch_norm needs a network with batch norm (scales g1, g2, ...)")
+    if len(x) == 0:
+        raise ValueError("fold_batch_norm needs at least one image for the statistics")
+    L, folded, dtype = num_layers(params), {}, params["W1"].dtype
+    for l in range(1, L):
+        W, total, squares = params[f"W{l}"], 0.0, 0.0
+        for i in range(0, len(x), chunk):
+            Z = (_hidden_layers(folded, x[i:i + chunk], l - 1) @ W).astype(np.float64)  # (B, n_l)
+            total, squares = total + Z.sum(axis=0), squares + np.square(Z).sum(axis=0)
+        mean = total / len(x)                                 # (n_l,) in float64
+        var = np.maximum(squares / len(x) - np.square(mean), 0.0)
+        scale = params[f"g{l}"] / np.sqrt(var + BN_EPS)      # (n_l,)
+        folded[f"W{l}"] = (W * scale).astype(dtype)
+        folded[f"b{l}"] = (params[f"b{l}"] - mean * scale).astype(dtype)
+    folded[f"W{L}"], folded[f"b{L}"] = params[f"W{L}"], params[f"b{L}"]
+    return Params.from_arrays(folded, dtype)
 
 
 def log_mean_softmax(logits: Sequence[np.ndarray]) -> np.ndarray:
@@ -1558,11 +1689,12 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
 
 
 STATE_FORMAT = "fmnist-train-state-1"
-STATE_ARRAYS = ("params", "m", "v", "best_params")   # and "model" with a running average
+STATE_ARRAYS = ("params", "m", "v", "best_params")   # and "model" when it is not params
+TRAINED_ARRAYS = ("params", "m", "v")                 # the others are plain networks (no g)
 
 
 def state_arrays(config: Config) -> tuple[str, ...]:
-    return STATE_ARRAYS + ("model",) * bool(config.average)
+    return STATE_ARRAYS + ("model",) * bool(config.average or config.batch_norm)
 
 
 def save_state(path: Path, state: TrainState, config: Config, history: list[dict]) -> None:
@@ -1582,14 +1714,15 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     path = Path(path)
     arrays, meta = _read_npz(path, STATE_FORMAT)
     config = meta["config"]
-    shapes = param_shapes(config.layer_sizes)
-    size = num_parameters(shapes)
+    trained = param_shapes(config.layer_sizes, config.batch_norm)
+    plain = param_shapes(config.layer_sizes)
     names = state_arrays(config)
     if set(arrays) != set(names):
         raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(names)}")
+    shapes = {name: trained if name in TRAINED_ARRAYS else plain for name in names}
     for name in names:
-        _check_array(path, name, arrays[name], (size,), config)
-    params, m, v, best_params, *average = (Params(arrays[k].copy(), shapes) for k in names)
+        _check_array(path, name, arrays[name], (num_parameters(shapes[name]),), config)
+    params, m, v, best_params, *average = (Params(arrays[k].copy(), shapes[k]) for k in names)
     try:
         best, step, epoch, history = Best(*meta["best"]), meta["step"], meta["epoch"], meta["history"]
     except (KeyError, TypeError) as e:
@@ -1853,7 +1986,8 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         "### 3.1 Network Structure", "", f"{_arrow(config.layer_sizes)}", "",
         "- Hidden activations: ReLU", "- Output: softmax (stable: log-sum-exp)",
         f"- Dropout rate: {config.dropout} (hidden layers, training only)",
-        f"- Parameters: {num_parameters(param_shapes(config.layer_sizes)):,} ({config.dtype})", "",
+        f"- Parameters: {num_parameters(param_shapes(config.layer_sizes, config.batch_norm)):,} "
+        f"({config.dtype})", *(["- Batch normalisation before each ReLU"] * config.batch_norm), "",
         "### 3.2 Initialization", "", "- He initialization for hidden layers",
         "- Xavier initialization for the output layer", f"- Seed: {config.seed}", "",
         "## 4 Training Procedure", "",
@@ -2230,10 +2364,10 @@ def run_gradcheck(args: argparse.Namespace) -> int:
     """Print backward's largest relative error against finite differences, per parameter."""
     if not args.hidden or min(args.hidden) < 1 or args.batch < 1:
         raise ValueError("--hidden needs positive widths and --batch a positive size")
-    case = gradcheck_case(args.hidden, args.batch, args.seed)
+    case = gradcheck_case(args.hidden, args.batch, args.seed, batch_norm=args.batch_norm)
     sizes = layer_sizes_of(case.params)
     print(f"gradient check: {_dashed(sizes)} network in float64, batch {args.batch}, "
-          f"seed {args.seed}")
+          f"seed {args.seed}" + ", batch norm" * args.batch_norm)
     print(f"loss: cross-entropy + L2 (lambda {case.l2}), dropout {case.dropout} with one fixed "
           f"mask; central differences with h = {GRADCHECK_H}")
     print(f"{'parameter':<10} {'shape':>11} {'max |grad|':>11} {'max relative error':>19}")
@@ -2330,6 +2464,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(0: off)", type=float)
     hyper("--flip-average", "predict from each image and its mirror image",
           action=argparse.BooleanOptionalAction)
+    hyper("--batch-norm", "normalise each hidden layer's pre-activations over the batch",
+          action=argparse.BooleanOptionalAction)
     hyper("--seed", "seed for initialisation, shuffling, augmentation and dropout",
           type=_whole_number)
     hyper("--split-seed", "seed of the train/validation permutation", type=_whole_number)
@@ -2384,6 +2520,8 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck_cmd.add_argument("--batch", type=_whole_number, default=4, help="batch size")
     gradcheck_cmd.add_argument("--seed", type=_whole_number, default=0,
                                help="seed of the network, batch and dropout mask")
+    gradcheck_cmd.add_argument("--batch-norm", action="store_true",
+                               help="normalise the hidden layers over the batch")
     download_cmd = add_command(
         "download", help="download and verify the four Fashion-MNIST files",
         description="Fetch the four official files into --data-dir, with torchvision if it is "

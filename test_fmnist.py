@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -173,6 +173,22 @@ def test_init_keys_shapes_dtype_and_zero_biases(sizes, seed, dtype):
     assert fmnist.layer_sizes_of(p) == tuple(sizes)
 
 
+@given(sizes=st.lists(st.integers(1, 20), min_size=2, max_size=5), seed=st.integers(0, 2**32 - 1))
+def test_init_with_batch_norm_adds_unit_scales_to_the_same_weights(sizes, seed):
+    """Batch norm adds a scale g_l = 1 per hidden layer (not the output) and changes no draw: the
+    weights and biases are those of the plain network of the same seed, so the two compare."""
+    plain, normed = init_params(sizes, seed), init_params(sizes, seed, batch_norm=True)
+    hidden = range(1, len(sizes) - 1)
+    assert set(normed) == set(plain) | {f"g{l}" for l in hidden}
+    for name in plain:
+        assert bits({name: plain[name]}) == bits({name: normed[name]}), name
+    for l in hidden:
+        assert normed[f"g{l}"].shape == (sizes[l],) and (normed[f"g{l}"] == 1).all()
+    assert fmnist.has_batch_norm(normed) == (len(sizes) > 2) and not fmnist.has_batch_norm(plain)
+    assert fmnist.layer_sizes_of(normed) == tuple(sizes)
+    assert normed.num_weights == plain.num_weights          # AdamW and L2 leave g alone
+
+
 def test_init_same_seed_is_bit_identical_other_seed_differs():
     """Randomness comes only from the seed argument, so a run can be reproduced exactly."""
     a, b, c = (init_params(REPORT_SIZES, s) for s in (7, 7, 8))
@@ -236,6 +252,38 @@ def _call_train_epoch_with_every_option():
     return train_epoch, (params, adam_init(params), x, y, config, 3)
 
 
+def _setup_batch_norm():
+    """_setup's network with batch norm (scales g drawn away from init's 1)."""
+    params, x, y, masks = _setup()
+    params = init_params((12, 8, 6, 4), seed=1, dtype="float64", batch_norm=True)
+    rng = np.random.default_rng(5)
+    params = {k: np.array(v) + (rng.normal(0, 0.3, v.shape) if k[0] in "bg" else 0.0)
+              for k, v in params.items()}
+    return params, x, y, masks
+
+
+def _call_forward_batch_norm():
+    params, x, _, masks = _setup_batch_norm()
+    return forward, (params, x, masks)
+
+
+def _call_backward_batch_norm():
+    params, x, y, masks = _setup_batch_norm()
+    _, cache = forward(params, x, masks)
+    return backward, (params, cache, y, 1e-3)
+
+
+def _call_train_epoch_batch_norm():
+    params, x, y, _ = _setup_batch_norm()
+    config = Config(hidden=(8, 6), batch_size=4, dropout=0.2, dtype="float64", batch_norm=True)
+    return train_epoch, (params, adam_init(params), x, y, config, 3)
+
+
+def _call_fold_batch_norm():
+    params, x, _, _ = _setup_batch_norm()
+    return fmnist.fold_batch_norm, (params, x, 3)
+
+
 def _call_augment():
     x = np.random.default_rng(0).normal(size=(6, 784))
     return fmnist.augment, (x, np.random.default_rng(1), 0.5, 2)
@@ -269,6 +317,10 @@ PURE_CALLS = {   # name -> () -> (function, fresh writable arguments)
     "augment (cutout and input dropout only)": _call_augment_cutout_and_input_dropout_only,
     "adam_step (AdamW)": _call_adamw_step,
     "average_params": _call_average_params,
+    "forward (batch norm)": _call_forward_batch_norm,
+    "backward (batch norm)": _call_backward_batch_norm,
+    "train_epoch (batch norm)": _call_train_epoch_batch_norm,
+    "fold_batch_norm": _call_fold_batch_norm,
     "evaluate": lambda: (evaluate, _setup()[:3]),
     "predict_logits": lambda: (predict_logits, (_setup()[0], _setup()[1], 3)),
     "dropout_masks": lambda: (dropout_masks, (5, 16, [8, 5], 0.25)),
@@ -289,7 +341,9 @@ def test_public_functions_leave_their_inputs_unchanged(name):
 @pytest.mark.parametrize("name", ["init_params", "forward", "backward", "adam_step", "train_epoch",
                                   "train_epoch (all options)", "evaluate", "dropout_masks",
                                   "make_splits", "augment", "augment (cutout and input dropout only)",
-                                  "adam_step (AdamW)", "average_params"])
+                                  "adam_step (AdamW)", "average_params", "forward (batch norm)",
+                                  "backward (batch norm)", "train_epoch (batch norm)",
+                                  "fold_batch_norm"])
 def test_returned_arrays_are_read_only(name):
     """Read-only results turn 'never writes into its inputs' into a check for every later caller."""
     fn, args = PURE_CALLS[name]()
@@ -918,6 +972,111 @@ def test_fit_with_average_evaluates_the_running_average_and_trains_the_params(ra
         assert (ev.correct, ev.loss) == (record["val_correct"], record["val_loss"])
     final = states[-1]
     assert bits(final.best_params) == bits(states[final.best.epoch - 1].model)
+
+
+# ================================================================================================
+# Batch norm: trained over batches, folded into a plain network for prediction
+# ================================================================================================
+
+@st.composite
+def batch_norm_networks(draw):
+    """A small float64 network with batch norm, its biases and scales drawn away from init's."""
+    plain = draw(networks(min_hidden=1))
+    sizes = fmnist.layer_sizes_of(plain)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scales = {f"g{l}": rng.uniform(0.2, 2.0, sizes[l]) * rng.choice([-1.0, 1.0], sizes[l])
+              for l in range(1, len(sizes) - 1)}
+    return Params.from_arrays({**plain, **scales})
+
+
+@given(params=batch_norm_networks(), data=st.data())
+def test_folded_network_predicts_what_forward_computes_on_the_batch_it_was_folded_with(params, data):
+    """fold_batch_norm(params, x) replaces each batch statistic by the statistic over x. Folded
+    with the very batch forward sees, the plain network must give forward's logits (no dropout):
+    the folding algebra W' = W g / std, b' = b - mean g / std is exact, up to rounding. Any
+    chunk size gives the same statistics (they are sums over the rows).
+    Batches whose pre-activations hardly vary are left out: there 1 / std approaches
+    1 / sqrt(BN_EPS) ~ 316 and multiplies rounding errors by that at every layer, in both
+    computations alike; the two are then both right only to about 1e-7."""
+    x = batch_for(params, data.draw, min_size=2)
+    chunk = data.draw(st.integers(1, len(x) + 1))
+    logits, cache = forward(params, x)
+    assume(all(norm.inv_std.max() < 30 for norm in cache.norms))
+    folded = fmnist.fold_batch_norm(params, x, chunk)
+    assert list(folded) == list(fmnist.param_shapes(fmnist.layer_sizes_of(params)))
+    np.testing.assert_allclose(predict_logits(folded, x), logits, rtol=1e-7, atol=1e-7)
+
+
+def test_fold_batch_norm_uses_the_statistics_of_its_images_not_of_the_batch_predicted():
+    """After folding, a prediction no longer depends on which other images share the batch:
+    one image alone gets the logits it gets among the whole set."""
+    params, x, _, _ = _setup_batch_norm()
+    folded = fmnist.fold_batch_norm(params, x)
+    together = predict_logits(folded, x)
+    alone = np.concatenate([predict_logits(folded, x[i:i + 1]) for i in range(len(x))])
+    np.testing.assert_allclose(alone, together, rtol=1e-12, atol=1e-12)   # BLAS rounds rows apart
+    assert not np.allclose(forward(params, x[:2])[0], together[:2])     # batch stats differ
+
+
+def test_batch_norm_networks_must_be_folded_before_predicting_and_plain_ones_cannot_be():
+    params, x, y, _ = _setup_batch_norm()
+    with pytest.raises(ValueError, match="fold_batch_norm"):
+        predict_logits(params, x)
+    with pytest.raises(ValueError, match="fold_batch_norm"):
+        evaluate(params, x, y)
+    plain = init_params((12, 8, 4), seed=1, dtype="float64")
+    with pytest.raises(ValueError, match="needs a network with batch norm"):
+        fmnist.fold_batch_norm(plain, x)
+    with pytest.raises(ValueError, match="at least one image"):
+        fmnist.fold_batch_norm(params, x[:0])
+
+
+def test_config_refuses_batch_norm_with_a_running_average():
+    """The running average would be of the raw parameters, each folded with other statistics;
+    rather than pretend, the combination is refused."""
+    with pytest.raises(ValueError, match="batch norm and a running average"):
+        Config(batch_norm=True, average=0.5)
+
+
+def test_train_epoch_with_batch_norm_is_the_public_functions_bit_for_bit(raw):
+    """With batch norm the epoch still is forward -> backward -> adam_step per batch (the scales g
+    are trained by Adam like the biases, neither decayed), including the 30-row last batch."""
+    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230, epochs=3, batch_norm=True,
+                    flip=0.5, weight_decay=0.5, lr_schedule="cosine")
+    splits = _tiny_splits(raw, 230, 10)
+    x, y = splits.x_train, splits.y_train
+    start = init_params(config.layer_sizes, 3, batch_norm=True)
+    params, state, _ = train_epoch(start, adam_init(start), x, y, config, 1)
+    assert not np.array_equal(params["g1"], start["g1"])
+    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=10)
+
+
+def test_fit_with_batch_norm_evaluates_the_folded_network_and_resumes_bit_identically(raw, tmp_path):
+    """Each epoch, fit folds the trained network with the statistics of the first
+    BN_STATISTICS_IMAGES training images: that plain network is the model validated, kept as
+    best, saved in best.npz and loadable as any other. state.npz must hold it (it is not the
+    parameters), and a run resumed from it ends bit-identical to one never stopped."""
+    config = Config(hidden=(32, 16), epochs=4, limit=600, batch_norm=True, lr_schedule="cosine")
+    splits = _tiny_splits(raw, 600, 300)
+    straight = list(fit(splits, config))
+    for state, record in straight:
+        assert bits(state.model) == bits(fmnist.fold_batch_norm(
+            state.params, splits.x_train[:fmnist.BN_STATISTICS_IMAGES]))
+        ev = evaluate(state.model, splits.x_val, splits.y_val)
+        assert (ev.correct, ev.loss) == (record["val_correct"], record["val_loss"])
+    final = straight[-1][0]
+    fmnist.save_checkpoint(tmp_path / "best.npz", final.best_params, config)
+    loaded_best, _, _ = fmnist.load_checkpoint(tmp_path / "best.npz")
+    assert bits(loaded_best) == bits(final.best_params)
+    history = [record for _, record in straight[:2]]
+    fmnist.save_state(tmp_path / "state.npz", straight[1][0], config, history)
+    with np.load(tmp_path / "state.npz") as saved:
+        assert set(saved.files) == {"params", "m", "v", "best_params", "model", "meta"}
+    loaded, _, _ = fmnist.load_state(tmp_path / "state.npz")
+    resumed = [s for s, _ in fit(splits, config, loaded)][-1]
+    for name in ("params", "best_params", "model"):
+        assert bits(getattr(resumed, name)) == bits(getattr(final, name)), name
+    assert bits(resumed.opt_state.v) == bits(final.opt_state.v) and resumed.best == final.best
 
 
 # ================================================================================================

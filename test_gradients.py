@@ -86,20 +86,23 @@ def layer_sizes(draw) -> tuple[int, ...]:
 
 
 @st.composite
-def small_networks(draw, dtype: str = "float64", dropout: bool = True, l2: bool = True) -> Case:
+def small_networks(draw, dtype: str = "float64", dropout: bool = True, l2: bool = True,
+                   batch_norm: bool = False) -> Case:
     """A tiny MLP (He-initialised from a drawn seed), a batch of 1-6 bounded inputs and labels,
-    and, if asked, dropout masks drawn once and an L2 strength in [0, 0.1].
+    and, if asked, dropout masks drawn once, an L2 strength in [0, 0.1] and batch norm.
 
     The biases are drawn rather than left at init's zeros, and kept at least 1/16 away from zero:
     a unit whose inputs are all zero (an all-zero x, which Hypothesis loves, or a layer below that
-    ReLU switched off entirely) has Z = b, and b = 0 would put it exactly on ReLU's kink.
+    ReLU switched off entirely) has Z = b, and b = 0 would put it exactly on ReLU's kink. Batch
+    norm's scales g are drawn the same way (init's g = 1 would hide a g missing from a formula).
     """
     sizes = draw(layer_sizes())
-    params = fm.init_params(sizes, seed=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
+    params = fm.init_params(sizes, seed=draw(st.integers(0, 2**32 - 1)), dtype=dtype,
+                            batch_norm=batch_norm)
     arrays_ = {name: np.array(a) for name, a in params.items()}
     width = 32 if dtype == "float32" else 64
     for name, a in arrays_.items():
-        if name.startswith("b"):
+        if name.startswith(("b", "g")):
             magnitudes = st.floats(1 / 16, 1, width=width)      # bounds exact in float32
             arrays_[name] = draw(arrays(dtype, a.shape, elements=st.one_of(
                 magnitudes, magnitudes.map(lambda m: -m))))
@@ -145,11 +148,15 @@ EXTREME = {"float32": 1e4, "float64": 1e300}
 
 
 def hidden_preactivations(params, x, masks) -> list[np.ndarray]:
-    """Z_l = A_{l-1} @ W_l + b_l for each hidden layer, computed here independently of fmnist."""
-    L = len(params) // 2
+    """Z_l = A_{l-1} @ W_l + b_l for each hidden layer (with batch norm, g_l (Z_l - mean) / std
+    + b_l, over the batch), computed here independently of fmnist: the inputs of the ReLUs."""
+    L = sum(name.startswith("W") for name in params)
     A, zs = x, []
     for l in range(1, L):
-        Z = A @ params[f"W{l}"] + params[f"b{l}"]                        # (B, n_l)
+        Z = A @ params[f"W{l}"]                                          # (B, n_l)
+        if f"g{l}" in params:
+            Z = params[f"g{l}"] * (Z - Z.mean(0)) / np.sqrt(Z.var(0) + fm.BN_EPS)
+        Z = Z + params[f"b{l}"]
         zs.append(Z)
         A = np.maximum(Z, 0) * (1.0 if masks is None else masks[l - 1])  # dropout(ReLU(Z))
     return zs
@@ -240,6 +247,53 @@ def test_backward_with_label_smoothing_matches_finite_differences(case, smoothin
     check_backward_against_finite_differences(case, smoothing)
 
 
+@given(case=small_networks(dropout=True, l2=True, batch_norm=True))
+def test_backward_with_batch_norm_matches_finite_differences(case):
+    """With batch norm, backward is still the derivative of the loss, through the batch's mean
+    and variance: every row's pre-activation enters them, so nudging one weight moves every
+    row's normalised value, and backward must account for all of it (batch_norm_backward's two
+    shared correction terms). A backward that treated mean and std as constants would be off
+    by about the gradient's own size. Batches of one row are included: then every Z_hat is 0
+    and the layer's weights get exactly zero gradient, which the finite difference agrees with.
+    """
+    check_backward_against_finite_differences(case)
+
+
+@given(case=small_networks(dropout=True, l2=False, batch_norm=True), data=st.data())
+def test_batch_norm_backward_removes_what_normalisation_cannot_change(case, data):
+    """dZ from batch_norm_backward sums to zero down each column and is orthogonal to Z_hat.
+
+    Adding a constant to a column of Z leaves the normalised output unchanged, so the loss cannot
+    change in that direction and its gradient has no component along it. Scaling a column about
+    its mean would leave it unchanged too but for BN_EPS, which makes the scale matter a little:
+    Z_hat . dZ = g dg BN_EPS / std^3 exactly, ~0 once var >> BN_EPS. Checked on the first hidden
+    layer of a network, with a random upstream gradient.
+    """
+    _, cache = fm.forward(case.params, case.x, case.masks)
+    norm, g = cache.norms[0], case.params["g1"]
+    dOut = data.draw(arrays(np.float64, norm.normalised.shape, elements=st.floats(-1, 1)))
+    dZ, dg, db = fm.batch_norm_backward(dOut, norm, g)
+    scale = (np.abs(dOut).sum(axis=0) + np.abs(dg)) * np.abs(g) * norm.inv_std
+    assert (np.abs(dZ.sum(axis=0)) <= 1e-12 * scale).all()
+    left_by_eps = g * dg * fm.BN_EPS * norm.inv_std ** 3
+    assert (np.abs((dZ * norm.normalised).sum(axis=0) - left_by_eps) <= 1e-12 * scale).all()
+    np.testing.assert_allclose(db, dOut.sum(axis=0), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(dg, (dOut * norm.normalised).sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+@given(case=small_networks(dropout=False, l2=False, batch_norm=True))
+def test_batch_norm_output_has_mean_b_and_standard_deviation_g_over_the_batch(case):
+    """Each unit leaves batch norm with mean b and standard deviation |g| over the batch (a bit
+    less: sigma^2 / (sigma^2 + BN_EPS) of it), whatever the weights below: the point of it."""
+    _, cache = fm.forward(case.params, case.x)
+    for l, norm in enumerate(cache.norms, start=1):
+        Z = norm.normalised * case.params[f"g{l}"] + case.params[f"b{l}"]   # the ReLU's input
+        np.testing.assert_allclose(Z.mean(axis=0), case.params[f"b{l}"], rtol=0, atol=1e-12)
+        var = (cache.inputs[l - 1] @ case.params[f"W{l}"]).var(axis=0)
+        expected = np.abs(case.params[f"g{l}"]) * np.sqrt(var / (var + fm.BN_EPS))
+        np.testing.assert_allclose(Z.std(axis=0), expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
 def test_gradients_have_the_keys_shapes_and_dtype_of_params(dtype, data):
@@ -249,7 +303,7 @@ def test_gradients_have_the_keys_shapes_and_dtype_of_params(dtype, data):
     elementwise, so a missing key or a transposed (fan_out, fan_in) matrix would break every step,
     and a float64 gradient for float32 parameters would silently turn them into float64.
     """
-    case = data.draw(small_networks(dtype=dtype))
+    case = data.draw(small_networks(dtype=dtype, batch_norm=data.draw(st.booleans())))
     _, cache = fm.forward(case.params, case.x, case.masks)
     grads = fm.backward(case.params, cache, case.labels, case.l2)
     assert list(grads) == list(case.params)
