@@ -43,6 +43,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -163,12 +164,18 @@ def check_config(c: Config) -> None:
             raise ValueError(message)
 
 
+_WIDE_COSINE = dict(hidden=(1024, 512, 256), epochs=60, patience=0, lr_schedule="cosine",
+                    flip=0.5, flip_average=True, l2=0.0)
 RECIPES = {
     "report": Config(),
     # README, "How far can an MLP go": every choice made on the validation split.
-    "best": Config(hidden=(1024, 512, 256), epochs=60, patience=0, lr_schedule="cosine",
-                   flip=0.5, flip_average=True, l2=0.0, weight_decay=0.5),
+    "best-single": Config(**_WIDE_COSINE, weight_decay=0.2, batch_norm=True, shift=1, dropout=0.0),
+    "best-bn": Config(**_WIDE_COSINE, weight_decay=0.5, batch_norm=True),
+    "best-shift": Config(**_WIDE_COSINE, weight_decay=0.2, shift=1, dropout=0.0),
 }
+# Recipes that train several networks and average their predictions (`train --recipe best`):
+# these two regularise differently (dropout and batch norm; shifts), so their mistakes differ.
+ENSEMBLES = {"best": ("best-bn", "best-shift")}
 
 
 class FmnistError(Exception):
@@ -2230,6 +2237,164 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None) -> int:
+    """`train --recipe best`: train each member as an ordinary run in out/<member>/, then
+    evaluate the ensemble (the mean of the members' predicted distributions).
+
+    Members train in child processes with one BLAS thread each, `--jobs` at a time (default: as
+    many as there are members and cores). Most of an epoch's elementwise work runs on one core
+    whatever BLAS does, so two one-thread runs side by side finish well before two two-thread
+    runs in a row; and with one thread always, a member's result does not depend on --jobs.
+    `train --resume OUT` continues the members that did not finish.
+    """
+    started = time.perf_counter()
+    out, members = _check_ensemble_dir(args, members)
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "ensemble.json", {"recipe": args.recipe, "members": {
+            name: c.to_json() for name, c in members.items()}})
+    todo = {name: c for name, c in members.items() if not (out / name / "metrics.json").exists()}
+    jobs = min(args.jobs or os.cpu_count() or 1, len(todo)) or 1
+    print(f"ensemble of {len(members)} in {out}: {', '.join(members)}; training "
+          f"{', '.join(todo) or 'nothing (all finished)'}, {jobs} at a time", flush=True)
+    codes = _train_members(args, out, todo, jobs)
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:
+        print(f"not finished: {', '.join(failed)}. Continue the ensemble with:\n"
+              f"  python fmnist.py train --resume {out}", file=sys.stderr)
+        return 130 if 130 in codes.values() else 1
+    loaded = {name: load_checkpoint(out / name / "best.npz") for name in members}
+    config = next(iter(members.values()))
+    splits = make_splits(load_fashion_mnist(args.data_dir), config)
+    metrics = full_evaluation([params for params, _, _ in loaded.values()], splits,
+                              config.flip_average)
+    member_metrics = {name: json.loads((out / name / "metrics.json").read_text())
+                      for name in members}
+    metrics |= {"members": {name: {k: m[k] for k in ("val_accuracy", "test_accuracy",
+                                                      "best_epoch", "train_seconds")}
+                            for name, m in member_metrics.items()},
+                "wall_seconds": time.perf_counter() - started}
+    write_json(out / "metrics.json", metrics)
+    for name, m in metrics["members"].items():
+        print(f"member {name}: validation {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
+              f"(best epoch {m['best_epoch']}, {m['train_seconds']:.0f} s)")
+    print(f"ensemble of {len(members)}: the mean of their predicted distributions"
+          f"{', each averaged with the mirror image' if config.flip_average else ''}")
+    print(format_results(metrics))
+    print(f"wall time {_duration(metrics['wall_seconds'])}; ensemble directory: {out}")
+    return 0
+
+
+def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] | None
+                        ) -> tuple[Path, dict[str, Config]]:
+    """The ensemble's directory and members: new, or read back from ensemble.json to resume.
+    Each member's own directory is checked by run_train as any run's."""
+    if args.resume:
+        out = Path(args.resume)
+        if (out / "metrics.json").exists():
+            raise CheckpointError(f"{out}: this ensemble has already finished; nothing to resume")
+        if args.recipe or given_hyperparameters(args):
+            raise ValueError("--resume continues a run with its stored settings; "
+                             "do not pass a recipe or hyperparameters with it")
+        try:
+            stored = json.loads((out / "ensemble.json").read_text())["members"]
+            return out, {name: Config.from_json(c) for name, c in stored.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{out}/ensemble.json: unreadable ({e})") from None
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
+    if (out / "ensemble.json").exists() and not args.force:
+        raise CheckpointError(f"{out}: already holds an ensemble; choose another --out, resume "
+                              f"it with --resume, or pass --force to overwrite it")
+    return out, dict(members)
+
+
+def _train_members(args: argparse.Namespace, out: Path, todo: Mapping[str, Config],
+                   jobs: int) -> dict[str, int]:
+    """Train each member in a child process (one BLAS thread each, set before NumPy loads
+    there); returns each member's exit code. Ctrl-C reaches the children too: each saves its
+    state and exits as an interrupted `train` does."""
+    import concurrent.futures
+    import multiprocessing
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in THREAD_VARIABLES})        # inherited by the children
+    codes: dict[str, int] = {}
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for name, config in todo.items():
+                resume = (out / name / "state.npz").exists()
+                member_args = argparse.Namespace(
+                    data_dir=args.data_dir, out=out / name, force=args.force,
+                    resume=out / name if resume else None, recipe=None,
+                    quiet=args.quiet or jobs > 1)
+                futures[name] = pool.submit(_train_member, name, member_args, config)
+            try:
+                codes = {name: future.result() for name, future in futures.items()}
+            except KeyboardInterrupt:       # Ctrl-C reached us; make sure it reaches them
+                for future in futures.values():
+                    future.cancel()             # the members not started yet
+                concurrent.futures.wait(futures.values(), timeout=2)
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal.SIGINT)
+                codes = {name: _exit_code(future) for name, future in futures.items()}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return codes
+
+
+def _exit_code(future: Any) -> int:
+    """A member's exit code once it has stopped: 130 if it was interrupted or never started."""
+    try:
+        return future.result()
+    except BaseException:                    # cancelled, interrupted, or its process died
+        return 130
+
+
+def _train_member(name: str, args: argparse.Namespace, config: Config) -> int:
+    """In a child process: run_train, every printed line prefixed with the member's name."""
+    sys.stdout = _Prefixed(sys.stdout, f"[{name}] ")
+    sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return run_train(args, config)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class _Prefixed:
+    """A text stream that starts every line it writes with `prefix`."""
+
+    def __init__(self, stream: Any, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 RUN_FILES = ("config.json", "history.json", "metrics.json", "best.npz", "state.npz", "report.md",
              "curves.png", "confusion.png", "mistakes.png")
 
@@ -2428,13 +2593,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_command = partial(commands.add_parser, allow_abbrev=False)
     train = add_command(
         "train", help="train the MLP and evaluate it",
-        description="Train on the shipped data with the report's recipe, or with --recipe best "
-                    "(README: \"How far can an MLP go\"). A flag given explicitly overrides the "
-                    "recipe's value; each flag's help shows both recipes' values.",
+        description="Train on the shipped data with the report's recipe, or with one found "
+                    "here (README: \"How far can an MLP go\"): --recipe best trains two networks "
+                    "and averages their predictions, --recipe best-single the best single one. A "
+                    "flag given explicitly overrides the recipe's value; each flag's help shows "
+                    "every recipe's value.",
         formatter_class=_HelpFormatter)
-    train.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+    train.add_argument("--recipe", choices=(*RECIPES, *ENSEMBLES), default=None,
                        help="starting values of every hyperparameter: the report's (the "
-                            "default) or the best found here")
+                            "default) or those found here; 'best' trains an ensemble of "
+                            f"{' and '.join(ENSEMBLES['best'])}, and flags then apply to both")
+    train.add_argument("--jobs", type=_whole_number, default=None,
+                       help="with an ensemble recipe: members trained at once (default: one "
+                            "per core)")
 
     def hyper(flag: str, help: str, **kw: Any) -> None:
         name = flag[2:].replace("-", "_")
@@ -2546,6 +2717,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return dataclasses.replace(RECIPES[args.recipe or "report"], **given_hyperparameters(args))
 
 
+def ensemble_from_args(args: argparse.Namespace) -> dict[str, Config]:
+    return {name: dataclasses.replace(RECIPES[name], **given_hyperparameters(args))
+            for name in ENSEMBLES[args.recipe]}
+
+
 def _flag_value(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -2569,10 +2745,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(parser, argv)
     try:
         if args.command == "train":
+            if args.resume and (Path(args.resume) / "ensemble.json").exists():
+                return run_ensemble(args, None)
+            ensemble = args.recipe in ENSEMBLES and not args.resume    # resume: refused below
             try:
-                config = config_from_args(args)
+                members = ensemble_from_args(args) if ensemble else None
+                config = Config() if ensemble or args.resume else config_from_args(args)
             except ValueError as e:     # a hyperparameter out of range: a usage error, exit 2
                 parser.exit(2, f"{parser.prog} train: error: {e}\n")
+            if ensemble:
+                return run_ensemble(args, members)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return run_train(args, config)      # divergence gets its own one-line message
         if args.command == "evaluate":

@@ -1522,12 +1522,12 @@ def test_cli_help_works_for_each_command(command):
     assert all(e in proc.stdout for e in expected), proc.stdout
 
 
-BEST_TINY = ("--recipe", "best", "--limit", 500, "--epochs", 1, "--hidden", 16)
+BEST_TINY = ("--recipe", "best-bn", "--limit", 500, "--epochs", 1, "--hidden", 16)
 
 
 @pytest.fixture(scope="module")
 def best_run(tmp_path_factory):
-    """`train --recipe best`, made tiny by explicit flags (500 images, 1 epoch, 16 units)."""
+    """`train --recipe best-bn`, made tiny by explicit flags (500 images, 1 epoch, 16 units)."""
     out = tmp_path_factory.mktemp("best") / "run"
     proc = run_cli("train", *BEST_TINY, "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -1535,13 +1535,13 @@ def best_run(tmp_path_factory):
 
 
 def test_cli_recipe_best_trains_with_the_recipe_under_the_explicit_flags(best_run, raw, capsys):
-    """--recipe best sets every hyperparameter to the best recipe's value, and each flag given
+    """--recipe best-bn sets every hyperparameter to the recipe's value, and each flag given
     explicitly overrides just its own: config.json shows both. What was evaluated is what the
     recipe says (flip-averaged), so re-evaluating best.npz with flip averaging reproduces the
     validation accuracy, and `evaluate` prints the run's test figures (it must flip-average too,
     from the checkpoint's config); state.npz holds the arrays the config calls for, and
     report.md says how to repeat the run."""
-    config = dataclasses.replace(fmnist.RECIPES["best"], hidden=(16,), epochs=1, limit=500)
+    config = dataclasses.replace(fmnist.RECIPES["best-bn"], hidden=(16,), epochs=1, limit=500)
     saved = json.loads((best_run / "config.json").read_text())
     assert saved == config.to_json()
     assert (saved["flip"], saved["lr_schedule"], saved["flip_average"], saved["hidden"]) == \
@@ -1557,7 +1557,7 @@ def test_cli_recipe_best_trains_with_the_recipe_under_the_explicit_flags(best_ru
     assert fmnist.main(["evaluate", str(best_run / "best.npz")]) == 0
     assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
                      capsys.readouterr().out)
-    assert "python fmnist.py train --recipe best --hidden 16 --epochs 1 --limit 500" in \
+    assert "python fmnist.py train --recipe best-bn --hidden 16 --epochs 1 --limit 500" in \
         (best_run / "report.md").read_text()
 
 
@@ -1627,23 +1627,23 @@ def train_config(*argv) -> Config:
     return fmnist.config_from_args(fmnist.parse_args(fmnist.build_parser(), ["train", *map(str, argv)]))
 
 
-BEST = fmnist.RECIPES["best"]
+BEST = fmnist.RECIPES["best-bn"]
 
 
 @pytest.mark.parametrize("argv, expected", [
     ([], Config()),
     (["--recipe", "report"], Config()),
-    (["--recipe", "best"], BEST),
-    (["--recipe", "best", "--flip", "0", "--no-flip-average"],
+    (["--recipe", "best-bn"], BEST),
+    (["--recipe", "best-bn", "--flip", "0", "--no-flip-average"],
      dataclasses.replace(BEST, flip=0.0, flip_average=False)),
-    (["--recipe", "best", "--no-flip-average", "--lr-schedule", "constant"],
+    (["--recipe", "best-bn", "--no-flip-average", "--lr-schedule", "constant"],
      dataclasses.replace(BEST, flip_average=False, lr_schedule="constant")),
-    (["--hidden", "64", "--recipe", "best", "--average", "0.9"],
-     dataclasses.replace(BEST, hidden=(64,), average=0.9)),
+    (["--hidden", "64", "--recipe", "best-shift", "--average", "0.9"],
+     dataclasses.replace(fmnist.RECIPES["best-shift"], hidden=(64,), average=0.9)),
     (["--flip", "0.5", "--flip-average", "--shift", "2", "--label-smoothing", "0.1"],
      Config(flip=0.5, flip_average=True, shift=2, label_smoothing=0.1)),
-    (["--recipe", "best", "--dropout", str(BEST.dropout)], BEST),    # the recipe's value, again
-    (["--recipe", "best", "--cutout", "8", "--input-dropout", "0.1", "--weight-decay", "0.05"],
+    (["--recipe", "best-bn", "--dropout", str(BEST.dropout)], BEST),    # the recipe's value, again
+    (["--recipe", "best-bn", "--cutout", "8", "--input-dropout", "0.1", "--weight-decay", "0.05"],
      dataclasses.replace(BEST, cutout=8, input_dropout=0.1, weight_decay=0.05)),
 ], ids=str)
 def test_explicit_flags_override_the_recipe_and_nothing_else(argv, expected):
@@ -1657,9 +1657,9 @@ def test_train_command_is_the_shortest_line_that_repeats_the_config():
     """report.md's "Reproduce" line: the bare command for the report's recipe, --recipe best for
     the best one, and from whichever recipe is nearer, only the flags that differ."""
     assert fmnist._train_command(Config()) == "python fmnist.py train"
-    assert fmnist._train_command(BEST) == "python fmnist.py train --recipe best"
+    assert fmnist._train_command(BEST) == "python fmnist.py train --recipe best-bn"
     assert fmnist._train_command(dataclasses.replace(BEST, seed=7, flip_average=False)) == \
-        "python fmnist.py train --recipe best --seed 7 --no-flip-average"
+        "python fmnist.py train --recipe best-bn --seed 7 --no-flip-average"
     assert fmnist._train_command(Config(seed=7, flip=0.25, flip_average=True)) == \
         "python fmnist.py train --seed 7 --flip 0.25 --flip-average"
 
@@ -1678,10 +1678,12 @@ def configs(draw) -> Config:
         "shift": st.integers(0, fmnist.MAX_SHIFT), "label_smoothing": st.floats(0, 1, exclude_max=True),
         "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans(),
         "cutout": st.integers(0, 28), "input_dropout": st.floats(0, 1, exclude_max=True),
-        "weight_decay": st.floats(0, 0.99)}))
+        "weight_decay": st.floats(0, 0.99), "batch_norm": st.booleans()}))
     base = fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))]
     if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
         changes["flip_average"] = False
+    if changes.get("batch_norm", base.batch_norm):   # batch norm excludes a running average
+        changes["average"] = 0.0
     return dataclasses.replace(base, **changes)
 
 
@@ -1808,6 +1810,102 @@ def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     for key in ("params", "m", "v", "best_params"):
         assert a[key].tobytes() == b[key].tobytes()
     assert run_cli("train", "--resume", out).returncode != 0       # finished: nothing to resume
+
+
+ENSEMBLE_TINY = ("--recipe", "best", "--limit", 1000, "--epochs", 2, "--hidden", 16, "--quiet")
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    """`train --recipe best`, tiny, both members at once."""
+    out = tmp_path_factory.mktemp("ensemble") / "run"
+    proc = run_cli("train", *ENSEMBLE_TINY, "--jobs", 2, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_cli_recipe_best_trains_each_member_as_a_run_and_evaluates_their_ensemble(ensemble_run, raw):
+    """Each member of ENSEMBLES["best"] is an ordinary run in its own directory, with its
+    recipe's settings under the flags given; metrics.json holds the ensemble's figures, which are
+    what evaluate gives for the members' checkpoints together, and each member's own."""
+    out, proc = ensemble_run
+    names = fmnist.ENSEMBLES["best"]
+    stored = json.loads((out / "ensemble.json").read_text())["members"]
+    assert list(stored) == list(names)
+    models = []
+    for name in names:
+        config = dataclasses.replace(fmnist.RECIPES[name], limit=1000, epochs=2, hidden=(16,))
+        assert Config.from_json(stored[name]) == config
+        assert json.loads((out / name / "config.json").read_text()) == config.to_json()
+        params, loaded, _ = load_checkpoint(out / name / "best.npz")
+        assert loaded == config
+        models.append(params)
+        assert f"[{name}] " in proc.stdout                 # each member's lines carry its name
+    metrics = json.loads((out / "metrics.json").read_text())
+    splits = make_splits(raw, config)
+    ensemble = evaluate(models, splits.x_test, splits.y_test, flip_average=True)
+    assert (metrics["test_accuracy"], metrics["test_loss"]) == (ensemble.accuracy, ensemble.loss)
+    for name in names:
+        member = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["members"][name]["test_accuracy"] == member["test_accuracy"]
+    assert f"test:               loss {metrics['test_loss']:.4f}" in proc.stdout
+
+
+def test_ensemble_members_train_the_same_whatever_the_number_of_jobs(ensemble_run, tmp_path):
+    """Members always train with one BLAS thread, so --jobs changes only how many run at once,
+    never a number: one at a time gives the same checkpoints bit for bit."""
+    out, _ = ensemble_run
+    proc = run_cli("train", *ENSEMBLE_TINY, "--jobs", 1, "--out", tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr
+    for name in fmnist.ENSEMBLES["best"]:
+        a, b = (np.load(d / name / "best.npz") for d in (out, tmp_path / "one"))
+        assert all(a[k].tobytes() == b[k].tobytes() for k in a.files if k != "meta"), name
+    assert (json.loads((out / "metrics.json").read_text())["test_accuracy"] ==
+            json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"])
+
+
+def test_cli_ensemble_refuses_to_overwrite_or_to_resume_with_flags(ensemble_run, capsys):
+    out, _ = ensemble_run
+    assert fmnist.main(["train", "--recipe", "best", "--out", str(out)]) == 1
+    assert "already holds an ensemble" in capsys.readouterr().err
+    assert fmnist.main(["train", "--resume", str(out)]) == 1
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
+    """Ctrl-C while the members train: each saves its state, the ensemble says how to go on, and
+    `train --resume` on the ensemble's directory finishes both members (and the ensemble) with
+    exactly the parameters of a run never interrupted."""
+    args = ["--recipe", "best", "--limit", 2000, "--hidden", "32", "--epochs", 10, "--jobs", 2, "--quiet"]
+    assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if all(len(json.loads((out / name / "history.json").read_text())) >= 2
+                   for name in fmnist.ENSEMBLES["best"]):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the ensemble finished before it could be interrupted")
+    assert proc.returncode == 130, stderr
+    assert f"train --resume {out}" in stderr
+    assert not (out / "metrics.json").exists()
+    resumed = run_cli("train", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in fmnist.ENSEMBLES["best"]:
+        a, b = (np.load(d / name / "state.npz") for d in (tmp_path / "straight", out))
+        assert a.files == b.files
+        for key in set(a.files) - {"meta"}:             # params, m, v, best_params (model)
+            assert a[key].tobytes() == b[key].tobytes(), (name, key)
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["test_loss"] == straight["test_loss"]
 
 
 def reference_epoch(params, state, x, y, config, epoch):
@@ -2559,8 +2657,8 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--weight-decay nan": (["--weight-decay", "nan"], {"weight_decay": math.nan}),
     "--weight-decay 1000 (x lr 1e-3 = 1: every weight to 0)":
         (["--weight-decay", "1000"], {"weight_decay": 1000.0}),
-    "--recipe best --lr 2 (x its weight decay 0.5 = 1)":
-        (["--recipe", "best", "--lr", "2"], {"weight_decay": 0.5, "lr": 2.0, "l2": 0.0}),
+    "--recipe best-bn --lr 2 (x its weight decay 0.5 = 1)":
+        (["--recipe", "best-bn", "--lr", "2"], {"weight_decay": 0.5, "lr": 2.0, "l2": 0.0}),
 }
 
 
