@@ -19,12 +19,13 @@ Conventions, stated once:
   shape (fan_in, fan_out). (The report writes the column form `Z = W A + b`; it is the same
   network, transposed.)
 * `dZ` means dL/dZ, the gradient of the scalar loss with respect to `Z`, with the shape of `Z`.
-* Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array`. Every stage
+* Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array` (with batch norm
+  also scales `g1, ..., g_{L-1}`). Every stage
   (init_params, forward, backward, adam_step, train_epoch, evaluate, ...) returns new values and
   never writes into its inputs; the read-only flags make that checkable. The only functions that
   write into arrays they are given are the two kernels that say so (`adam_update`,
   `flush_to_zero`), and they are only ever handed arrays their caller has just allocated.
-  Internally the arrays are views into one flat vector (weights first, then biases), so the
+  Internally the arrays are views into one flat vector (weights first, then the rest), so the
   optimizer works on one vector rather than looping over layers.
 * Randomness comes in through explicit seeds (`np.random.default_rng([seed, epoch])`), so a run is
   bit-for-bit reproducible and any epoch can be replayed from its inputs alone.
@@ -36,6 +37,7 @@ to see every derivative written by hand, and to make plain NumPy as fast as it c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -607,7 +609,8 @@ def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndar
 
 def flat_order(names: Sequence[str]) -> list[str]:
     """The order of the arrays inside the flat vector: weight matrices first (W1, W2, ...), then
-    the rest (biases), so that the L2 term applies to one contiguous prefix."""
+    the rest (biases, and batch norm's scales), so that L2 and AdamW's decay apply to one
+    contiguous prefix."""
     return sorted(names, key=lambda name: not is_weight(name))
 
 
@@ -768,6 +771,58 @@ def dropout_masks(seed_or_rng, batch_size: int, hidden: Sequence[int], rate: flo
     return tuple(masks)
 
 
+class BatchNorm(NamedTuple):
+    """What batch norm's backward pass needs: the normalised pre-activations and 1 / std."""
+
+    normalised: np.ndarray           # Z_hat = (Z - mean) / std, (B, n), each column mean 0, var 1
+    inv_std: np.ndarray              # 1 / sqrt(var + BN_EPS) per unit, (n,)
+
+
+BN_EPS = 1e-5           # keeps 1 / std finite for a unit that is constant over the batch
+
+
+def batch_norm_forward(Z: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, BatchNorm]:
+    """Batch normalisation (Ioffe and Szegedy, 2015): g * (Z - mean) / std + b, with the mean and
+    variance of each unit (column) over the batch. Returns a fresh (B, n) array and the cache.
+
+    Whatever the weights below do, each unit enters the ReLU with the spread g and the centre b
+    that training chose, so a change in one layer no longer shifts the inputs of the next, and
+    the batch's noise in mean and std regularises a little. The bias moves after the
+    normalisation: added before it, the mean subtraction would cancel it. At prediction there is
+    no batch: `fold_batch_norm` puts the training set's mean and std in their place.
+    """
+    mean = Z.mean(axis=0)                                     # (n,)
+    centred = Z - mean                                        # (B, n)
+    inv_std = 1.0 / np.sqrt(np.mean(np.square(centred), axis=0) + BN_EPS)   # (n,)
+    normalised = np.multiply(centred, inv_std, out=centred)   # (B, n)
+    out = normalised * g                                      # (B, n)
+    out += b
+    return out, BatchNorm(_readonly(normalised), _readonly(inv_std.astype(Z.dtype, copy=False)))
+
+
+def batch_norm_backward(dOut: np.ndarray, norm: BatchNorm, g: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dL/dZ, dL/dg, dL/db) from dL/dOut, for out = g * Z_hat + b over a batch of B rows.
+
+        db = sum_rows dOut                 dg = sum_rows dOut * Z_hat
+        dZ = g / (B std) * (B dOut - db - Z_hat dg)
+
+    The last line is the classic one: every row's Z enters the batch's mean and std, so dZ of one
+    row gets, besides its own dOut, two corrections shared by the whole batch. They remove from
+    dOut its mean and its part along Z_hat, the two directions in which the normalisation cannot
+    move its output, so each column of dZ sums to zero and is orthogonal to Z_hat (up to a term
+    in BN_EPS, which lets a column's scale matter a little).
+    """
+    B = dOut.shape[0]
+    db = dOut.sum(axis=0)                                     # (n,)
+    dg = np.einsum("ij,ij->j", dOut, norm.normalised)         # (n,)
+    dZ = dOut * B                                             # (B, n)
+    dZ -= db
+    dZ -= norm.normalised * dg
+    dZ *= g * norm.inv_std / B
+    return dZ, dg, db
+
+
 class Cache(NamedTuple):
     """What backward needs from forward: each layer's input A, each hidden layer's gate, the logits.
 
@@ -829,58 +884,6 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
     logits += params[f"b{L}"]
     inputs.append(A)
     return _readonly(logits), Cache(tuple(inputs), tuple(gates), logits, tuple(norms))
-
-
-class BatchNorm(NamedTuple):
-    """What batch norm's backward pass needs: the normalised pre-activations and 1 / std."""
-
-    normalised: np.ndarray           # Z_hat = (Z - mean) / std, (B, n), each column mean 0, var 1
-    inv_std: np.ndarray              # 1 / sqrt(var + BN_EPS) per unit, (n,)
-
-
-BN_EPS = 1e-5           # keeps 1 / std finite for a unit that is constant over the batch
-
-
-def batch_norm_forward(Z: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, BatchNorm]:
-    """Batch normalisation (Ioffe and Szegedy, 2015): g * (Z - mean) / std + b, with the mean and
-    variance of each unit (column) over the batch. Returns a fresh (B, n) array and the cache.
-
-    Whatever the weights below do, each unit enters the ReLU with the spread g and the centre b
-    that training chose, so a change in one layer no longer shifts the inputs of the next, and
-    the batch's noise in mean and std regularises a little. The bias moves after the
-    normalisation: added before it, the mean subtraction would cancel it. At prediction there is
-    no batch: `fold_batch_norm` puts the training set's mean and std in their place.
-    """
-    mean = Z.mean(axis=0)                                     # (n,)
-    centred = Z - mean                                        # (B, n)
-    inv_std = 1.0 / np.sqrt(np.mean(np.square(centred), axis=0) + BN_EPS)   # (n,)
-    normalised = np.multiply(centred, inv_std, out=centred)   # (B, n)
-    out = normalised * g                                      # (B, n)
-    out += b
-    return out, BatchNorm(_readonly(normalised), _readonly(inv_std.astype(Z.dtype, copy=False)))
-
-
-def batch_norm_backward(dOut: np.ndarray, norm: BatchNorm, g: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dL/dZ, dL/dg, dL/db) from dL/dOut, for out = g * Z_hat + b over a batch of B rows.
-
-        db = sum_rows dOut                 dg = sum_rows dOut * Z_hat
-        dZ = g / (B std) * (B dOut - db - Z_hat dg)
-
-    The last line is the classic one: every row's Z enters the batch's mean and std, so dZ of one
-    row gets, besides its own dOut, two corrections shared by the whole batch. They remove from
-    dOut its mean and its part along Z_hat, the two directions in which the normalisation cannot
-    move its output, so each column of dZ sums to zero and is orthogonal to Z_hat (up to a term
-    in BN_EPS, which lets a column's scale matter a little).
-    """
-    B = dOut.shape[0]
-    db = dOut.sum(axis=0)                                     # (n,)
-    dg = np.einsum("ij,ij->j", dOut, norm.normalised)         # (n,)
-    dZ = dOut * B                                             # (B, n)
-    dZ -= db
-    dZ -= norm.normalised * dg
-    dZ *= g * norm.inv_std / B
-    return dZ, dg, db
 
 
 # ================================================================================================
@@ -991,8 +994,9 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     for l in range(L, 0, -1):
         A_prev, W = cache.inputs[l - 1], params[f"W{l}"]
         if l < L and cache.norms:                             # back through the batch norm
-            dZ, grads[f"g{l}"][...], grads[f"b{l}"][...] = batch_norm_backward(
-                dZ, cache.norms[l - 1], params[f"g{l}"])
+            dZ, dg, db = batch_norm_backward(dZ, cache.norms[l - 1], params[f"g{l}"])
+            grads[f"g{l}"][...] = dg                          # (fan_out,)
+            grads[f"b{l}"][...] = db                          # (fan_out,)
         else:
             np.sum(dZ, axis=0, out=grads[f"b{l}"])            # (fan_out,)
         np.matmul(A_prev.T, dZ, out=grads[f"W{l}"])           # (fan_in, fan_out)
@@ -1369,8 +1373,9 @@ def average_params(average: Params, params: Params, decay: float) -> Params:
 class TrainState(NamedTuple):
     """Everything needed to continue training after `epoch` epochs: a run is a fold over these.
 
-    `model` is what gets evaluated: the parameters themselves, or their running average when
-    config.average is on."""
+    `model` is what gets evaluated: the parameters themselves, their running average when
+    config.average is on, or with batch norm the folded network (`fold_batch_norm`; before the
+    first epoch, the parameters)."""
 
     params: Params
     opt_state: AdamState
@@ -1456,20 +1461,14 @@ def _inference(params: Mapping, x: np.ndarray) -> np.ndarray:
     softmax or argmax can tell apart. (A network that has blown up to -inf pre-activations
     differs too: forward's -inf * 0 is NaN, np.maximum's is 0.)"""
     L = num_layers(params)
-    A = _hidden_layers(params, x, L - 1)                      # (B, n_{L-1})
-    logits = A @ params[f"W{L}"]                              # (B, 10)
-    logits += params[f"b{L}"]
-    return logits
-
-
-def _hidden_layers(params: Mapping, x: np.ndarray, layers: int) -> np.ndarray:
-    """The output of the first `layers` hidden layers of a plain network (no dropout)."""
     A = x
-    for l in range(1, layers + 1):
+    for l in range(1, L):
         Z = A @ params[f"W{l}"]                               # (B, n_l)
         Z += params[f"b{l}"]
         A = np.maximum(Z, 0.0, out=Z)
-    return A
+    logits = A @ params[f"W{L}"]                              # (B, 10)
+    logits += params[f"b{L}"]
+    return logits
 
 
 BN_STATISTICS_IMAGES = 10_000   # training images whose statistics replace the batch's at prediction
@@ -1493,17 +1492,17 @@ def fold_batch_norm(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK) -> 
         raise ValueError("fold_batch_norm needs a network with batch norm (scales g1, g2, ...)")
     if len(x) == 0:
         raise ValueError("fold_batch_norm needs at least one image for the statistics")
-    L, folded, dtype = num_layers(params), {}, params["W1"].dtype
+    L, folded, dtype, n = num_layers(params), {}, params["W1"].dtype, len(x)
+    A = [x[i:i + chunk] for i in range(0, n, chunk)]         # the layer's input, chunk by chunk
     for l in range(1, L):
-        W, total, squares = params[f"W{l}"], 0.0, 0.0
-        for i in range(0, len(x), chunk):
-            Z = (_hidden_layers(folded, x[i:i + chunk], l - 1) @ W).astype(np.float64)  # (B, n_l)
-            total, squares = total + Z.sum(axis=0), squares + np.square(Z).sum(axis=0)
-        mean = total / len(x)                                 # (n_l,) in float64
-        var = np.maximum(squares / len(x) - np.square(mean), 0.0)
+        Z = [a @ params[f"W{l}"] for a in A]                  # (chunk, n_l) each
+        mean = sum(z.sum(axis=0, dtype=np.float64) for z in Z) / n              # (n_l,)
+        var = sum(np.square(z - mean).sum(axis=0) for z in Z) / n              # (n_l,)
         scale = params[f"g{l}"] / np.sqrt(var + BN_EPS)      # (n_l,)
-        folded[f"W{l}"] = (W * scale).astype(dtype)
-        folded[f"b{l}"] = (params[f"b{l}"] - mean * scale).astype(dtype)
+        shift = params[f"b{l}"] - mean * scale
+        folded[f"W{l}"] = (params[f"W{l}"] * scale).astype(dtype)
+        folded[f"b{l}"] = shift.astype(dtype)
+        A = [np.maximum(z * scale.astype(dtype) + folded[f"b{l}"], 0.0) for z in Z]
     folded[f"W{L}"], folded[f"b{L}"] = params[f"W{L}"], params[f"b{L}"]
     return Params.from_arrays(folded, dtype)
 
@@ -2252,15 +2251,19 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
     """
     started = time.perf_counter()
     out, members = _check_ensemble_dir(args, members)
-    if not args.resume:
+    if args.resume:
+        todo = {name: c for name, c in members.items()
+                if not (out / name / "metrics.json").exists()}
+    else:                                            # a new run (or --force): every member anew
         out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)
         write_json(out / "ensemble.json", {"recipe": args.recipe, "members": {
             name: c.to_json() for name, c in members.items()}})
-    todo = {name: c for name, c in members.items() if not (out / name / "metrics.json").exists()}
+        todo = dict(members)
     jobs = min(args.jobs or os.cpu_count() or 1, len(todo)) or 1
     print(f"ensemble of {len(members)} in {out}: {', '.join(members)}; training "
           f"{', '.join(todo) or 'nothing (all finished)'}, {jobs} at a time", flush=True)
-    codes = _train_members(args, out, todo, jobs)
+    codes = _train_members(args, out, todo, jobs, resume=bool(args.resume))
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         print(f"not finished: {', '.join(failed)}. Continue the ensemble with:\n"
@@ -2314,42 +2317,49 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
 
 
 def _train_members(args: argparse.Namespace, out: Path, todo: Mapping[str, Config],
-                   jobs: int) -> dict[str, int]:
+                   jobs: int, resume: bool) -> dict[str, int]:
     """Train each member in a child process (one BLAS thread each, set before NumPy loads
     there); returns each member's exit code. Ctrl-C reaches the children too: each saves its
     state and exits as an interrupted `train` does."""
     import concurrent.futures
     import multiprocessing
-    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
-    os.environ.update({k: "1" for k in THREAD_VARIABLES})        # inherited by the children
     codes: dict[str, int] = {}
+    with one_blas_thread(), concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        futures = {}
+        for name, config in todo.items():
+            started = resume and (out / name / "state.npz").exists()
+            member_args = argparse.Namespace(
+                data_dir=args.data_dir, out=out / name, force=args.force,
+                resume=out / name if started else None, recipe=None, quiet=args.quiet or jobs > 1)
+            futures[name] = pool.submit(_train_member, name, member_args, config)
+        try:
+            codes = {name: future.result() for name, future in futures.items()}
+        except KeyboardInterrupt:           # Ctrl-C reached us; make sure it reaches them
+            for future in futures.values():
+                future.cancel()                 # the members not started yet
+            concurrent.futures.wait(futures.values(), timeout=2)
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGINT)   # ignored by a child between members
+            codes = {name: _exit_code(future) for name, future in futures.items()}
+    return codes
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Within the block, processes started get one BLAS thread (the environment variables that
+    OpenBLAS, OpenMP and MKL read when NumPy loads); afterwards they are as they were."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in THREAD_VARIABLES})
     try:
-        with concurrent.futures.ProcessPoolExecutor(
-                jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            for name, config in todo.items():
-                resume = (out / name / "state.npz").exists()
-                member_args = argparse.Namespace(
-                    data_dir=args.data_dir, out=out / name, force=args.force,
-                    resume=out / name if resume else None, recipe=None,
-                    quiet=args.quiet or jobs > 1)
-                futures[name] = pool.submit(_train_member, name, member_args, config)
-            try:
-                codes = {name: future.result() for name, future in futures.items()}
-            except KeyboardInterrupt:       # Ctrl-C reached us; make sure it reaches them
-                for future in futures.values():
-                    future.cancel()             # the members not started yet
-                concurrent.futures.wait(futures.values(), timeout=2)
-                for child in multiprocessing.active_children():
-                    os.kill(child.pid, signal.SIGINT)
-                codes = {name: _exit_code(future) for name, future in futures.items()}
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return codes
 
 
 def _exit_code(future: Any) -> int:
@@ -2361,17 +2371,25 @@ def _exit_code(future: Any) -> int:
 
 
 def _train_member(name: str, args: argparse.Namespace, config: Config) -> int:
-    """In a child process: run_train, every printed line prefixed with the member's name."""
-    sys.stdout = _Prefixed(sys.stdout, f"[{name}] ")
-    sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
+    """In a child process: run_train, every printed line prefixed with the member's name, Ctrl-C
+    heard only while it runs (between members the child ignores it), errors printed as `train`
+    prints them."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_Prefixed(stream, f"[{name}] ") for stream in streams)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return run_train(args, config)
     except KeyboardInterrupt:
         return 130
+    except (FmnistError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
 
 
 class _Prefixed:
@@ -2461,7 +2479,9 @@ def _progress_bar(quiet: bool, first_epoch: int = 1) -> OnStep | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """`evaluate`: one checkpoint, or several as an ensemble (same split, same dtype)."""
+    """`evaluate`: one checkpoint, or several as an ensemble (same split, same dtype). The
+    directory of an ensemble run stands for its members' checkpoints."""
+    args.checkpoints = [member for path in args.checkpoints for member in _checkpoints_in(path)]
     loaded = [load_checkpoint(path) for path in args.checkpoints]
     config = loaded[0][1]
     shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
@@ -2482,6 +2502,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"{', each averaged with the mirror image' if config.flip_average else ''}")
     print(format_results(metrics))
     return 0
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    """[path], or for the directory of an ensemble run its members' best.npz."""
+    try:
+        members = json.loads((path / "ensemble.json").read_text())["members"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [path]
+    return [path / name / "best.npz" for name in members]
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -2562,6 +2591,13 @@ def _whole_number(text: str) -> int:
     return value
 
 
+def _positive_number(text: str) -> int:
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {text!r}")
+    return value
+
+
 def _hidden_sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(h) for h in text.split(",")) if text.strip() else ()
@@ -2603,7 +2639,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="starting values of every hyperparameter: the report's (the "
                             "default) or those found here; 'best' trains an ensemble of "
                             f"{' and '.join(ENSEMBLES['best'])}, and flags then apply to both")
-    train.add_argument("--jobs", type=_whole_number, default=None,
+    train.add_argument("--jobs", type=_positive_number, default=None,
                        help="with an ensemble recipe: members trained at once (default: one "
                             "per core)")
 
@@ -2656,8 +2692,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        description="Print the full evaluation of a checkpoint, or "
                                                    "of several as an ensemble.")
     evaluate_cmd.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
-                              help="a best.npz written by train; several are evaluated as an "
-                                   "ensemble (the mean of their predicted distributions)")
+                              help="a best.npz written by train, or the directory of an "
+                                   "ensemble run; several are evaluated as an ensemble (the mean "
+                                   "of their predicted distributions)")
     _data_dir_flag(evaluate_cmd)
     report_cmd = add_command("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
@@ -2718,8 +2755,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def ensemble_from_args(args: argparse.Namespace) -> dict[str, Config]:
-    return {name: dataclasses.replace(RECIPES[name], **given_hyperparameters(args))
-            for name in ENSEMBLES[args.recipe]}
+    members = {}
+    for name in ENSEMBLES[args.recipe]:
+        try:
+            members[name] = dataclasses.replace(RECIPES[name], **given_hyperparameters(args))
+        except ValueError as e:
+            raise ValueError(f"member {name} of --recipe {args.recipe}: {e}") from None
+    return members
 
 
 def _flag_value(value: Any) -> str:

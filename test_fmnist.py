@@ -1852,8 +1852,9 @@ def test_cli_recipe_best_trains_each_member_as_a_run_and_evaluates_their_ensembl
 
 
 def test_ensemble_members_train_the_same_whatever_the_number_of_jobs(ensemble_run, tmp_path):
-    """Members always train with one BLAS thread, so --jobs changes only how many run at once,
-    never a number: one at a time gives the same checkpoints bit for bit."""
+    """--jobs changes only how many members train at once, never a number: one at a time (in
+    one child process, one after the other) gives the same checkpoints bit for bit, and the
+    lines of the second member carry its own name only."""
     out, _ = ensemble_run
     proc = run_cli("train", *ENSEMBLE_TINY, "--jobs", 1, "--out", tmp_path / "one")
     assert proc.returncode == 0, proc.stderr
@@ -1862,14 +1863,54 @@ def test_ensemble_members_train_the_same_whatever_the_number_of_jobs(ensemble_ru
         assert all(a[k].tobytes() == b[k].tobytes() for k in a.files if k != "meta"), name
     assert (json.loads((out / "metrics.json").read_text())["test_accuracy"] ==
             json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"])
+    assert "] [" not in proc.stdout
 
 
-def test_cli_ensemble_refuses_to_overwrite_or_to_resume_with_flags(ensemble_run, capsys):
+def test_one_blas_thread_sets_the_thread_variables_and_restores_them(monkeypatch):
+    """Ensemble members start inside one_blas_thread, so NumPy loads in them with one BLAS
+    thread; the parent's own environment is as it was afterwards, set or unset."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with fmnist.one_blas_thread():
+        assert all(os.environ[k] == "1" for k in fmnist.THREAD_VARIABLES)
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and "OMP_NUM_THREADS" not in os.environ
+
+
+def test_cli_evaluate_takes_an_ensemble_directory_for_its_members(ensemble_run, capsys):
+    out, _ = ensemble_run
+    assert fmnist.main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "ensemble of 2" in printed
+    assert f"test:               loss {metrics['test_loss']:.4f}" in printed
+
+
+def test_cli_ensemble_refuses_to_overwrite_or_resume_a_finished_one_and_names_bad_members(
+        ensemble_run, tmp_path, capsys):
     out, _ = ensemble_run
     assert fmnist.main(["train", "--recipe", "best", "--out", str(out)]) == 1
     assert "already holds an ensemble" in capsys.readouterr().err
     assert fmnist.main(["train", "--resume", str(out)]) == 1
     assert "already finished" in capsys.readouterr().err
+    for argv, message in ((["--jobs", "0"], "expected a number of at least 1"),
+                          (["--average", "0.5"], "member best-bn of --recipe best: batch norm")):
+        with pytest.raises(SystemExit):
+            fmnist.main(["train", "--recipe", "best", *argv, "--out", str(tmp_path / "never")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_ensemble_with_force_trains_every_member_anew(tmp_path):
+    """--force over a finished ensemble retrains both members with the new settings (it does
+    not take the finished ones for done) and rewrites the ensemble's figures."""
+    out = tmp_path / "run"
+    tiny = ("--recipe", "best", "--limit", 500, "--hidden", 8, "--quiet", "--out", out)
+    assert run_cli("train", *tiny, "--epochs", 1).returncode == 0
+    proc = run_cli("train", *tiny, "--epochs", 2, "--force")
+    assert proc.returncode == 0, proc.stderr
+    for name in fmnist.ENSEMBLES["best"]:
+        assert len(json.loads((out / name / "history.json").read_text())) == 2
+    assert json.loads((out / "metrics.json").read_text())["members"]["best-bn"]["best_epoch"] in (1, 2)
 
 
 def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
@@ -2647,8 +2688,8 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--average 1": (["--average", "1"], {"average": 1.0}),
     "--average -0.5": (["--average", "-0.5"], {"average": -0.5}),
     "--average nan": (["--average", "nan"], {"average": math.nan}),
-    "--recipe best --flip 2": (["--recipe", "best", "--flip", "2"], {"flip": 2.0}),
-    "--recipe best --flip 0": (["--recipe", "best", "--flip", "0"], {"flip": 0.0, "flip_average": True}),
+    "--recipe best-bn --flip 2": (["--recipe", "best-bn", "--flip", "2"], {"flip": 2.0}),
+    "--recipe best-bn --flip 0": (["--recipe", "best-bn", "--flip", "0"], {"flip": 0.0, "flip_average": True}),
     "--cutout -1": (["--cutout", "-1"], {"cutout": -1}),
     "--cutout 29 (larger than the image)": (["--cutout", "29"], {"cutout": 29}),
     "--input-dropout 1": (["--input-dropout", "1"], {"input_dropout": 1.0}),

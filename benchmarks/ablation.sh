@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 flags() {
     # Rows 3-16 build on row 4, the best recipe before AdamW (L2 instead of weight decay);
-    # rows 17-22 vary today's --recipe best, which is row 19.
-    b4="--recipe best --l2 1e-4 --weight-decay 0"
+    # rows 17-23 and 30 vary row 19 (AdamW), rows 24-29 and 31 row 23 (one-pixel shifts).
+    b19="--recipe best-bn --no-batch-norm"
+    b4="$b19 --l2 1e-4 --weight-decay 0"
     case "$1" in
         0)  echo "" ;;
         1)  echo "--flip 0.5" ;;
@@ -29,19 +30,30 @@ flags() {
         14) echo "$b4 --input-dropout 0.1" ;;
         15) echo "$b4 --input-dropout 0.2" ;;
         16) echo "$b4 --cutout 8" ;;
-        17) echo "--recipe best --weight-decay 0.05" ;;
-        18) echo "--recipe best --weight-decay 0.2" ;;
-        19) echo "--recipe best" ;;
-        20) echo "--recipe best --weight-decay 1" ;;
-        21) echo "--recipe best --epochs 100" ;;
-        22) echo "--recipe best --hidden 2048,512,256" ;;
+        17) echo "$b19 --weight-decay 0.05" ;;
+        18) echo "$b19 --weight-decay 0.2" ;;
+        19) echo "$b19" ;;
+        20) echo "$b19 --weight-decay 1" ;;
+        21) echo "$b19 --epochs 100" ;;
+        22) echo "$b19 --hidden 2048,512,256" ;;
+        23) echo "$b19 --shift 1" ;;
+        24) echo "$b19 --shift 1 --dropout 0.1" ;;
+        25) echo "$b19 --shift 1 --dropout 0" ;;
+        26) echo "--recipe best-shift" ;;                  # 25 with weight decay 0.2
+        27) echo "--recipe best-shift --weight-decay 0.1" ;;
+        28) echo "$b19 --shift 1 --dropout 0 --epochs 100" ;;
+        29) echo "--recipe best-shift --shift 2" ;;
+        30) echo "--recipe best-bn" ;;                     # 19 + batch norm
+        31) echo "--recipe best-single" ;;                 # 26 + batch norm
+        32) echo "--recipe best" ;;                        # the ensemble of 30 and 26
+        c4) echo "$b19 --dropout 0" ;;
         c1) echo "--lr-schedule cosine --epochs 60 --patience 0" ;;
         c2) echo "$b4 --flip 0 --no-flip-average" ;;
         c3) echo "$b4 --limit 40000" ;;
         *)  echo "unknown row $1" >&2; exit 2 ;;
     esac
 }
-for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 c1 c2 c3}; do
+for row in ${@:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 c1 c2 c3 c4}; do
     f=$(flags "$row")
     echo "row $row: python fmnist.py train $f"
     out="runs/ablation/$row-seed${SEED:-42}"
