@@ -1917,7 +1917,7 @@ def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
     """Ctrl-C while the members train: each saves its state, the ensemble says how to go on, and
     `train --resume` on the ensemble's directory finishes both members (and the ensemble) with
     exactly the parameters of a run never interrupted."""
-    args = ["--recipe", "best", "--limit", 2000, "--hidden", "32", "--epochs", 10, "--jobs", 2, "--quiet"]
+    args = ["--recipe", "best", "--limit", 2000, "--hidden", "32", "--epochs", 40, "--jobs", 2, "--quiet"]
     assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
