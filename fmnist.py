@@ -2269,11 +2269,8 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
         print(f"not finished: {', '.join(failed)}. Continue the ensemble with:\n"
               f"  python fmnist.py train --resume {out}", file=sys.stderr)
         return 130 if 130 in codes.values() else 1
-    loaded = {name: load_checkpoint(out / name / "best.npz") for name in members}
-    config = next(iter(members.values()))
-    splits = make_splits(load_fashion_mnist(args.data_dir), config)
-    metrics = full_evaluation([params for params, _, _ in loaded.values()], splits,
-                              config.flip_average)
+    metrics, loaded = evaluate_checkpoints([out / name / "best.npz" for name in members],
+                                           args.data_dir)
     member_metrics = {name: json.loads((out / name / "metrics.json").read_text())
                       for name in members}
     metrics |= {"members": {name: {k: m[k] for k in ("val_accuracy", "test_accuracy",
@@ -2284,8 +2281,7 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
     for name, m in metrics["members"].items():
         print(f"member {name}: validation {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
               f"(best epoch {m['best_epoch']}, {m['train_seconds']:.0f} s)")
-    print(f"ensemble of {len(members)}: the mean of their predicted distributions"
-          f"{', each averaged with the mirror image' if config.flip_average else ''}")
+    print(_ensemble_line(len(members), loaded[0][1].flip_average))
     print(format_results(metrics))
     print(f"wall time {_duration(metrics['wall_seconds'])}; ensemble directory: {out}")
     return 0
@@ -2296,20 +2292,13 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
     """The ensemble's directory and members: new, or read back from ensemble.json to resume.
     Each member's own directory is checked by run_train as any run's."""
     if args.resume:
-        out = Path(args.resume)
-        if (out / "metrics.json").exists():
-            raise CheckpointError(f"{out}: this ensemble has already finished; nothing to resume")
-        if args.recipe or given_hyperparameters(args):
-            raise ValueError("--resume continues a run with its stored settings; "
-                             "do not pass a recipe or hyperparameters with it")
+        out = _resumable_dir(args, "ensemble")
         try:
             stored = json.loads((out / "ensemble.json").read_text())["members"]
             return out, {name: Config.from_json(c) for name, c in stored.items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{out}/ensemble.json: unreadable ({e})") from None
-    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
+    out = _new_run_dir(args)
     if (out / "ensemble.json").exists() and not args.force:
         raise CheckpointError(f"{out}: already holds an ensemble; choose another --out, resume "
                               f"it with --resume, or pass --force to overwrite it")
@@ -2422,17 +2411,10 @@ def _check_run_dir(args: argparse.Namespace, config: Config
     """The run directory, and the state, history and config to continue from (None, [] and the
     given config for a new run). Refuses to overwrite a run by accident; writes nothing."""
     if args.resume:
-        out = Path(args.resume)
-        if (out / "metrics.json").exists():
-            raise CheckpointError(f"{out}: this run has already finished; nothing to resume")
-        if args.recipe or given_hyperparameters(args):
-            raise ValueError("--resume continues a run with its stored settings; "
-                             "do not pass a recipe or hyperparameters with it")
+        out = _resumable_dir(args, "run")
         state, config, history = load_state(out / "state.npz")
         return out, state, history, config
-    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
+    out = _new_run_dir(args)
     for name, what in (("metrics.json", "a finished run"), ("state.npz", "an unfinished run")):
         if (out / name).exists() and not args.force:
             raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
@@ -2443,6 +2425,26 @@ def _check_run_dir(args: argparse.Namespace, config: Config
         raise CheckpointError(f"{out}: already holds {', '.join(present)}; choose another --out "
                               f"or pass --force to overwrite them")
     return out, None, [], config
+
+
+def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
+    """--resume's directory, once it is clear there is something to resume and nothing to
+    override (a run or an ensemble keeps the settings it started with)."""
+    out = Path(args.resume)
+    if (out / "metrics.json").exists():
+        raise CheckpointError(f"{out}: this {what} has already finished; nothing to resume")
+    if args.recipe or given_hyperparameters(args):
+        raise ValueError("--resume continues a run with its stored settings; "
+                         "do not pass a recipe or hyperparameters with it")
+    return out
+
+
+def _new_run_dir(args: argparse.Namespace) -> Path:
+    """--out, or runs/<timestamp>; refused if it names a file."""
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
+    return out
 
 
 def _start_run_dir(out: Path, config: Config) -> None:
@@ -2481,27 +2483,38 @@ def _progress_bar(quiet: bool, first_epoch: int = 1) -> OnStep | None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: one checkpoint, or several as an ensemble (same split, same dtype). The
     directory of an ensemble run stands for its members' checkpoints."""
-    args.checkpoints = [member for path in args.checkpoints for member in _checkpoints_in(path)]
-    loaded = [load_checkpoint(path) for path in args.checkpoints]
+    paths = [member for path in args.checkpoints for member in _checkpoints_in(path)]
+    metrics, loaded = evaluate_checkpoints(paths, args.data_dir)
+    for path, (_, c, meta) in zip(paths, loaded):
+        print(f"checkpoint {path}: {_dashed(c.layer_sizes)}, seed {c.seed}, "
+              f"epoch {meta.get('epoch', '?')}")
+    if len(loaded) > 1:
+        print(_ensemble_line(len(loaded), loaded[0][1].flip_average))
+    print(format_results(metrics))
+    return 0
+
+
+def evaluate_checkpoints(paths: Sequence[Path], data_dir: str | Path
+                         ) -> tuple[dict, list[tuple[Params, Config, dict]]]:
+    """full_evaluation of one checkpoint, or of several as an ensemble (they must share split,
+    dtype and flip averaging), and what was loaded."""
+    loaded = [load_checkpoint(path) for path in paths]
     config = loaded[0][1]
     shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
-    for path, (_, other, _) in zip(args.checkpoints[1:], loaded[1:]):
+    for path, (_, other, _) in zip(paths[1:], loaded[1:]):
         differ = [k for k in shared if getattr(other, k) != getattr(config, k)]
         if differ:
             raise CheckpointError(f"{path}: its {', '.join(differ)} differ from "
-                                  f"{args.checkpoints[0]}'s; an ensemble's members must share "
+                                  f"{paths[0]}'s; an ensemble's members must share "
                                   f"split, dtype and flip averaging")
-    splits = make_splits(load_fashion_mnist(args.data_dir), config)
+    splits = make_splits(load_fashion_mnist(data_dir), config)
     models = [params for params, _, _ in loaded]
-    metrics = full_evaluation(models, splits, config.flip_average)      # one model: no ensemble
-    for path, (_, c, meta) in zip(args.checkpoints, loaded):
-        print(f"checkpoint {path}: {_dashed(c.layer_sizes)}, seed {c.seed}, "
-              f"epoch {meta.get('epoch', '?')}")
-    if len(models) > 1:
-        print(f"ensemble of {len(models)}: the mean of their predicted distributions"
-              f"{', each averaged with the mirror image' if config.flip_average else ''}")
-    print(format_results(metrics))
-    return 0
+    return full_evaluation(models, splits, config.flip_average), loaded   # one model: no ensemble
+
+
+def _ensemble_line(members: int, flip_average: bool) -> str:
+    return (f"ensemble of {members}: the mean of their predicted distributions"
+            f"{', each averaged with the mirror image' if flip_average else ''}")
 
 
 def _checkpoints_in(path: Path) -> list[Path]:

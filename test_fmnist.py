@@ -217,13 +217,13 @@ def _raw_small():
                    rng.integers(0, 10, 20).astype(np.uint8))
 
 
-def _call_forward():
-    params, x, _, masks = _setup()
+def _call_forward(setup=_setup):
+    params, x, _, masks = setup()
     return forward, (params, x, masks)
 
 
-def _call_backward():
-    params, x, y, masks = _setup()
+def _call_backward(setup=_setup):
+    params, x, y, masks = setup()
     _, cache = forward(params, x, masks)
     return backward, (params, cache, y, 1e-3)
 
@@ -235,9 +235,9 @@ def _call_adam_step():
     return adam_step, (params, grads, state, 1e-2)
 
 
-def _call_train_epoch():
-    params, x, y, _ = _setup()
-    config = Config(hidden=(8, 6), batch_size=4, dropout=0.2, dtype="float64")
+def _call_train_epoch(setup=_setup, batch_norm=False):
+    params, x, y, _ = setup()
+    config = Config(hidden=(8, 6), batch_size=4, dropout=0.2, dtype="float64", batch_norm=batch_norm)
     return train_epoch, (params, adam_init(params), x, y, config, 3)
 
 
@@ -253,30 +253,14 @@ def _call_train_epoch_with_every_option():
 
 
 def _setup_batch_norm():
-    """_setup's network with batch norm (scales g drawn away from init's 1)."""
-    params, x, y, masks = _setup()
+    """_setup's batch and masks, for its network with batch norm (biases and scales g drawn
+    away from init's 0 and 1)."""
+    _, x, y, masks = _setup()
     params = init_params((12, 8, 6, 4), seed=1, dtype="float64", batch_norm=True)
     rng = np.random.default_rng(5)
     params = {k: np.array(v) + (rng.normal(0, 0.3, v.shape) if k[0] in "bg" else 0.0)
               for k, v in params.items()}
     return params, x, y, masks
-
-
-def _call_forward_batch_norm():
-    params, x, _, masks = _setup_batch_norm()
-    return forward, (params, x, masks)
-
-
-def _call_backward_batch_norm():
-    params, x, y, masks = _setup_batch_norm()
-    _, cache = forward(params, x, masks)
-    return backward, (params, cache, y, 1e-3)
-
-
-def _call_train_epoch_batch_norm():
-    params, x, y, _ = _setup_batch_norm()
-    config = Config(hidden=(8, 6), batch_size=4, dropout=0.2, dtype="float64", batch_norm=True)
-    return train_epoch, (params, adam_init(params), x, y, config, 3)
 
 
 def _call_fold_batch_norm():
@@ -317,9 +301,9 @@ PURE_CALLS = {   # name -> () -> (function, fresh writable arguments)
     "augment (cutout and input dropout only)": _call_augment_cutout_and_input_dropout_only,
     "adam_step (AdamW)": _call_adamw_step,
     "average_params": _call_average_params,
-    "forward (batch norm)": _call_forward_batch_norm,
-    "backward (batch norm)": _call_backward_batch_norm,
-    "train_epoch (batch norm)": _call_train_epoch_batch_norm,
+    "forward (batch norm)": partial(_call_forward, _setup_batch_norm),
+    "backward (batch norm)": partial(_call_backward, _setup_batch_norm),
+    "train_epoch (batch norm)": partial(_call_train_epoch, _setup_batch_norm, batch_norm=True),
     "fold_batch_norm": _call_fold_batch_norm,
     "evaluate": lambda: (evaluate, _setup()[:3]),
     "predict_logits": lambda: (predict_logits, (_setup()[0], _setup()[1], 3)),
