@@ -81,7 +81,7 @@ class Config:
 
     hidden: tuple[int, ...] = (512, 256, 128)  # [3.1] 784 -> 512 -> 256 -> 128 -> 10
     dropout: float = 0.3                       # [3.1] on the hidden layers, training only
-    l2: float = 1e-4                           # [3.3] lambda * sum ||W||^2 over weight matrices
+    l2: float = 1e-4                           # [3.3] lambda: (lambda/2) sum ||W||^2, see l2_penalty
     lr: float = 1e-3                           # [4.1] Adam
     beta1: float = 0.9                         # [4.1]
     beta2: float = 0.999                       # [4.1]
@@ -917,8 +917,18 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0
 
 
 def l2_penalty(params: Mapping, l2: float) -> float:
-    """lambda * sum of squared weights, over the weight matrices only (biases are not penalised)."""
-    return l2 * sum(float(np.vdot(w, w)) for k, w in params.items() if is_weight(k))
+    """(lambda / 2) * sum of squared weights, over the weight matrices only (biases are not
+    penalised). Its gradient is lambda * W.
+
+    The factor 1/2 is the usual convention (Nielsen's network2.py, Goodfellow et al., PyTorch's
+    weight_decay): it makes lambda the decay rate of the weights. The report writes the term as
+    lambda * sum ||W||^2 with lambda = 1e-4, but trained with that term's gradient 2 lambda W the
+    network is held back more than the report's own figures show (over three seeds, validation
+    89.7% against its 90.1%, 93.3% of its training images against its 94.6%), while with
+    gradient lambda W it comes close to them (90.2%, 94.3%; README, "Which L2").
+    `--l2 2e-4` trains with the report's term as written.
+    """
+    return 0.5 * l2 * sum(float(np.vdot(w, w)) for k, w in params.items() if is_weight(k))
 
 
 def total_loss(params: Mapping, x: np.ndarray, labels: np.ndarray, l2: float = 0.0,
@@ -937,13 +947,13 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     normal float, 1.2e-38 in float32). Returns `a`.
 
     Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
-    weights to zero geometrically (about x0.95 per step once |2 lambda W| < eps), down through
+    weights to zero geometrically (about x0.95 per step once |lambda W| < eps), down through
     the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
     matrix products too: left alone, the report's recipe slows from 2 s to 25 s an epoch by
     epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags PyTorch sets with
     `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they get there:
     moments and dL/dZ below sqrt(tiny) (1e-19 in float32), so that their products stay normal,
-    and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (2 lambda W)^2 does.
+    and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (lambda W)^2 does.
     Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
     Adam flushes every FLUSH_EVERY = 16 steps, which is often enough: from these thresholds,
     decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
@@ -967,7 +977,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     For softmax followed by cross-entropy averaged over B rows, dL/dZ_L = (softmax(Z_L) - T) / B,
     where T is the target: one-hot, or (1 - e) one-hot + e / K with label smoothing e.
     Then for each layer l = L, ..., 1 (A_{l-1} is the layer's input):
-        dW_l = A_{l-1}^T dZ_l + 2 lambda W_l      (fan_in, fan_out)
+        dW_l = A_{l-1}^T dZ_l + lambda W_l        (fan_in, fan_out)
         db_l = sum over the batch of dZ_l          (fan_out,)
         dA_{l-1} = dZ_l W_l^T                      (B, fan_in)
         dZ_{l-1} = dA_{l-1} * gate_{l-1}           ReLU and dropout, elementwise
@@ -1001,7 +1011,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
             np.sum(dZ, axis=0, out=grads[f"b{l}"])            # (fan_out,)
         np.matmul(A_prev.T, dZ, out=grads[f"W{l}"])           # (fan_in, fan_out)
         if l2:
-            grads[f"W{l}"] += (2.0 * l2) * W
+            grads[f"W{l}"] += l2 * W
         if l > 1:
             dA = dZ @ W.T                                     # (B, fan_in)
             dZ = np.multiply(dA, cache.gates[l - 2], out=dA)  # (B, fan_in)
@@ -1138,7 +1148,7 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
               weight_decay: float = 0.0) -> tuple[Params, AdamState]:
     """One Adam update; returns new parameters and new state, leaving the inputs untouched.
 
-        g   = grads + 2 l2 W                       (only if l2 > 0: see below)
+        g   = grads + l2 W                         (only if l2 > 0: see below)
         m_t = beta1 m + (1 - beta1) g              running mean of gradients
         v_t = beta2 v + (1 - beta2) g^2            running mean of squared gradients
         p_t = p - lr/(1 - beta1^t) * m_t / (sqrt(v_t / (1 - beta2^t)) + eps)
@@ -1147,7 +1157,7 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     coordinate whatever the gradient's scale. The last line is computed in the equivalent form
     p - step_size * m_t / (sqrt(v_t) + eps_hat), moving both corrections into two scalars.
 
-    `l2` adds the L2 term's gradient 2 * l2 * W to the weights' gradients here, which is exactly
+    `l2` adds the L2 term's gradient l2 * W to the weights' gradients here, which is exactly
     what `backward(..., l2)` would have added (optax calls this `add_decayed_weights` before
     `scale_by_adam`). Training passes the data gradient from `backward(..., l2=0)` and l2 here,
     because here the addition costs one pass over numbers already in cache.
@@ -1198,7 +1208,7 @@ def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: f
     step_size, eps_hat = lr * math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)
     flush = t % FLUSH_EVERY == 0
     scratch = np.empty((2, min(ADAM_SLICE, p.size)), dtype=p.dtype)
-    weights = (0, num_weights, 2.0 * l2, 1.0 - lr * weight_decay)    # L2 and AdamW: weights only
+    weights = (0, num_weights, l2, 1.0 - lr * weight_decay)          # L2 and AdamW: weights only
     biases = (num_weights, p.size, 0.0, 1.0)
     for lo, hi, decay, shrink in (weights, biases):
         for start in range(lo, hi, ADAM_SLICE):
@@ -1694,7 +1704,7 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta
 
 
-STATE_FORMAT = "fmnist-train-state-1"
+STATE_FORMAT = "fmnist-train-state-2"   # 2: the L2 term became (lambda/2) sum ||W||^2
 STATE_ARRAYS = ("params", "m", "v", "best_params")   # and "model" when it is not params
 TRAINED_ARRAYS = ("params", "m", "v")                 # the others are plain networks (no g)
 
@@ -2003,7 +2013,8 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
         f"- Learning rate: {config.lr}"
         + (" with cosine decay to 0 over the epochs" if config.lr_schedule == "cosine" else ""),
         f"- beta1 = {config.beta1}, beta2 = {config.beta2}, epsilon = {config.eps}",
-        f"- L2 regularization: lambda = {config.l2}", f"- Batch size: {config.batch_size}",
+        f"- L2 regularization: lambda = {config.l2} (penalty (lambda/2) sum ||W||^2)",
+        f"- Batch size: {config.batch_size}",
         f"- Maximum epochs: {config.epochs}",
         f"- Early stopping patience: {config.patience} (based on validation accuracy)"
         if config.patience else "- Early stopping: off (the best epoch is still the one kept)",
@@ -2662,7 +2673,8 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} ({values})", **kw)
     hyper("--hidden", "hidden layer widths, comma-separated", type=_hidden_sizes)
     hyper("--dropout", "dropout rate on hidden layers", type=float)
-    hyper("--l2", "L2 strength lambda", type=float)
+    hyper("--l2", "L2 strength lambda: the penalty (lambda/2) sum ||W||^2, gradient lambda W "
+                  "(--l2 2e-4: the report's term as written, lambda = 1e-4)", type=float)
     hyper("--lr", "Adam learning rate", type=float)
     hyper("--lr-schedule", "learning rate schedule", choices=SCHEDULES)
     hyper("--weight-decay", "AdamW: decay of the weights per step, times the learning rate "

@@ -406,14 +406,14 @@ def test_adam_first_step_has_size_lr_whatever_the_gradient_scale(grads, lr, dtyp
 @given(st.integers(0, 2**32 - 1), st.floats(1e-6, 1e-1), st.sampled_from([np.float32, np.float64]))
 def test_adam_l2_equals_adding_the_l2_gradient_to_the_weights(seed, l2, dtype):
     """adam_step(..., l2) must be Adam on the L2-regularised loss: the same as feeding it the
-    gradient backward(..., l2) computes, 2*l2*W added to the weights only, never the biases."""
+    gradient backward(..., l2) computes, l2*W added to the weights only, never the biases."""
     rng = np.random.default_rng(seed)
     params = init_params((6, 5, 3), seed, np.dtype(dtype).name)
     params = Params.from_arrays({k: a + rng.normal(0, 0.1, a.shape) for k, a in params.items()}, dtype)
     data_grads = Params.from_arrays({k: rng.normal(0, 1e-2, a.shape) for k, a in params.items()}, dtype)
     state = adam_init(params)
     for _ in range(3):
-        total = Params.from_arrays({k: g + (2 * l2 * params[k] if k.startswith("W") else 0)
+        total = Params.from_arrays({k: g + (l2 * params[k] if k.startswith("W") else 0)
                                     for k, g in data_grads.items()}, dtype)
         fused, fused_state = adam_step(params, data_grads, state, l2=l2)
         plain, plain_state = adam_step(params, total, state)
@@ -496,7 +496,8 @@ def test_flush_to_zero_zeroes_only_numbers_below_its_threshold(dtype, root, mant
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adam_on_a_dead_unit_reaches_zero_without_subnormals(dtype):
-    """A unit that never fires gets only the L2 gradient 2*lambda*W; Adam drives such weights to
+    """A unit that never fires gets only the L2 gradient lambda*W (here lambda = 2e-4, the report's
+    term as written); Adam drives such weights to
     zero geometrically. They must never pass through subnormal numbers, which x86 CPUs process up
     to 20x slower (see fmnist.flush_to_zero), while still shrinking to nothing."""
     rng = np.random.default_rng(0)

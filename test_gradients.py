@@ -313,11 +313,20 @@ def test_gradients_have_the_keys_shapes_and_dtype_of_params(dtype, data):
         assert np.isfinite(grads[name]).all(), name
 
 
-@given(case=small_networks(dropout=True, l2=True))
-def test_l2_adds_exactly_two_lambda_w_to_weight_gradients_only(case):
-    """d/dW (lambda * ||W||^2) = 2 lambda W, and the penalty does not depend on the data.
+def test_l2_penalty_is_half_lambda_times_the_squared_weights_by_hand():
+    """(lambda / 2) * sum of squared weights, biases excluded: 0.1 / 2 * (1 + 4 + 9 + 16 + 4) = 1.7.
+    Its gradient lambda W is checked against finite differences of the whole loss above."""
+    params = {"W1": np.array([[1.0, 2.0], [3.0, 4.0]]), "b1": np.array([5.0, 6.0]),
+              "W2": np.array([[-2.0], [0.0]]), "b2": np.array([7.0])}
+    assert fm.l2_penalty(params, 0.1) == pytest.approx(1.7, rel=1e-15)
+    assert fm.l2_penalty(params, 0.0) == 0.0
 
-    So switching L2 on must add 2 lambda W to each weight gradient and change nothing else: the
+
+@given(case=small_networks(dropout=True, l2=True))
+def test_l2_adds_exactly_lambda_w_to_weight_gradients_only(case):
+    """d/dW ((lambda / 2) ||W||^2) = lambda W, and the penalty does not depend on the data.
+
+    So switching L2 on must add lambda W to each weight gradient and change nothing else: the
     biases are not penalised, and the data term is unaffected. Up to the one rounding of that
     addition, (g + c) - g == c within eps * (|g| + |c|).
     """
@@ -328,7 +337,7 @@ def test_l2_adds_exactly_two_lambda_w_to_weight_gradients_only(case):
         if name.startswith("b"):
             np.testing.assert_array_equal(with_l2[name], without[name], err_msg=name)
         else:
-            penalty = 2 * case.l2 * p
+            penalty = case.l2 * p
             tolerance = 2 * EPS64 * (np.abs(without[name]) + np.abs(penalty))
             assert (np.abs((with_l2[name] - without[name]) - penalty) <= tolerance).all(), name
 
@@ -542,7 +551,7 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels)
 
 
 def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
-    """db_L and dW_L - 2 lambda W_L from backward against dZ_L = (softmax - T) / B, recomputed in
+    """db_L and dW_L - lambda W_L from backward against dZ_L = (softmax - T) / B, recomputed in
     float64 from the logits, and their sums over the classes against zero."""
     params, B = case.params, len(case.labels)
     dtype = params.flat.dtype
@@ -555,7 +564,7 @@ def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(grads[f"b{L}"], dz.sum(axis=0), rtol=0, atol=4 * K * eps)
     assert abs(grads[f"b{L}"].astype(np.float64).sum()) <= 4 * K * eps
-    data_part = grads[f"W{L}"].astype(np.float64) - 2 * case.l2 * params[f"W{L}"].astype(np.float64)
+    data_part = grads[f"W{L}"].astype(np.float64) - case.l2 * params[f"W{L}"].astype(np.float64)
     Z = hidden_preactivations(params, case.x, case.masks)[-1]                    # (B, n_{L-1})
     A = np.maximum(Z, 0) * (1.0 if case.masks is None else case.masks[-1])      # input of layer L
     scale = np.abs(A).max() + np.abs(params[f"W{L}"]).max()
@@ -569,7 +578,7 @@ def test_output_layer_gradients_inherit_the_zero_row_sums(dtype, data):
 
     * db_L = sum over the batch of dZ_L, which we recompute here from the logits;
     * since every row of dZ_L sums to zero, so does db_L over the classes;
-    * and dW_L = A^T dZ_L (plus 2 lambda W_L) inherits it: each row of dW_L - 2 lambda W_L sums
+    * and dW_L = A^T dZ_L (plus lambda W_L) inherits it: each row of dW_L - lambda W_L sums
       to zero, i.e. adding the same amount to all of a unit's outgoing weights changes no loss.
     Dropout and L2 are on: neither touches dZ_L, so neither may change these facts.
     """

@@ -5,7 +5,7 @@ the GEMM floor, all measured in one run on this machine with the same data array
                                      [--skip-torch] [--skip-sklearn]
 
 The recipe (report sections 3-4, `fmnist.Config()`): 784-512-256-128-10, ReLU, dropout 0.3 on the
-hidden layers, L2 lambda * sum ||W||^2 over the weights (gradient 2 lambda W), Adam (lr 1e-3,
+hidden layers, L2 (lambda/2) * sum ||W||^2 over the weights (gradient lambda W), Adam (lr 1e-3,
 betas 0.9/0.999, eps 1e-8), batch 128 shuffled every epoch, 50,000 train / 10,000 validation,
 float32. An "epoch" is what `fmnist.fit` times: one pass of training (391 steps) plus one
 evaluation of the validation split.
@@ -322,8 +322,8 @@ def summarise(name: str, records: list[dict], **extra) -> dict:
 
 SKLEARN_NOTE = ("scikit-learn's MLPClassifier has no dropout, and its alpha is its own L2 "
                 "convention: per batch it adds alpha * W / batch_size to the gradient (loss "
-                "0.5 * alpha * ||W||^2 / batch_size), 256x weaker at alpha=1e-4, B=128 than the "
-                "recipe's 2 * lambda * W; its initialisation is Glorot-uniform. It does more or "
+                "0.5 * alpha * ||W||^2 / batch_size), 128x weaker at alpha=1e-4, B=128 than the "
+                "recipe's lambda * W; its initialisation is Glorot-uniform. It does more or "
                 "less work per step than the recipe, so read its time as a reference point, not a "
                 "like-for-like contender.")
 
@@ -383,9 +383,9 @@ def torch_model(torch, config):
 
 def torch_optimizer(torch, model, config):
     """Adam with L2 on the weights only: torch's (coupled) weight_decay adds wd * W to the
-    gradient, which is the gradient of lambda * ||W||^2 when wd = 2 * lambda."""
+    gradient: the gradient of the recipe's (lambda/2) * ||W||^2 when wd = lambda."""
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    groups = [{"params": [m.weight for m in linears], "weight_decay": 2 * config.l2},
+    groups = [{"params": [m.weight for m in linears], "weight_decay": config.l2},
               {"params": [m.bias for m in linears], "weight_decay": 0.0}]
     return torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                             eps=config.eps)
@@ -594,7 +594,7 @@ def run(args: argparse.Namespace) -> dict:
     notes = ["epoch = training pass (391 steps) + validation pass; epoch 1 excluded as warm-up"]
     if not c["torch"].get("skipped"):
         notes.append("PyTorch starts from fmnist.init_params' weights; L2 as Adam "
-                     "weight_decay=2*lambda on weights only")
+                     "weight_decay=lambda on weights only (the gradient of (lambda/2) ||W||^2)")
     if not c["sklearn"].get("skipped"):
         notes.append(SKLEARN_NOTE)
     return {"benchmark": "bench_train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
