@@ -943,25 +943,29 @@ def total_loss(params: Mapping, x: np.ndarray, labels: np.ndarray, l2: float = 0
 # ================================================================================================
 
 def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
-    """Set numbers below tiny**(1/root) to zero, in place on a fresh array (tiny: the smallest
-    normal float, 1.2e-38 in float32). Returns `a`.
+    """Flush numbers near or below t = tiny**(1/root) (tiny: the smallest normal float, 1.2e-38
+    in float32) in place on a fresh array, so that nothing smaller than t in magnitude is left
+    but zeros: every |x| < t/2 becomes 0, and one between t/2 and t becomes 0 or moves up to
+    between t and 2t. Returns `a`.
 
     Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
     weights to zero geometrically (about x0.95 per step once |lambda W| < eps), down through
     the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
     matrix products too: left alone, the report's recipe (with L2 gradient 2 lambda W) slowed
-    from 2 s to 25 s an epoch by epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags PyTorch sets with
-    `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they get there:
-    moments and dL/dZ below sqrt(tiny) (1e-19 in float32), so that their products stay normal,
-    and weights below tiny**(1/4) (2e-10), so that even (1 - beta2) * (lambda W)^2 does.
+    from 2 s to 25 s an epoch by epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags
+    PyTorch sets with `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they
+    get there: moments and dL/dZ near sqrt(tiny) (1e-19 in float32), so that their products stay
+    normal, and weights near tiny**(1/4) (3e-10), so that even (1 - beta2) * (lambda W)^2 does.
     Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
     Adam flushes every FLUSH_EVERY = 16 steps, which is often enough: from these thresholds,
     decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
 
-    Two roundings do it in two passes: near c = 2^(mantissa bits + 1) * threshold, floats are
-    2 * threshold apart, so adding c sends every |x| < threshold to c, and subtracting c leaves 0.
-    Other numbers move by at most 2 * threshold or one unit in their last place, and not at all
-    once they are 2^(mantissa bits) times larger than c.
+    Two roundings do it in two passes. With m the mantissa bits, the floats next to
+    c = 2^(m+1) t are s apart, with t < s <= 2t (s/2 on c's lower side when c is a power of two,
+    as for root 2). Adding c rounds every |x| < s/2 (at least every |x| < t/2) to c itself, and
+    subtracting c leaves exactly 0; any other small x comes back rounded to a multiple of that
+    spacing, so a nonzero result is at least t. Other numbers move by at most 2t or one unit in
+    their last place, and not at all once they are 2^(2m+3) t or larger.
     """
     info = np.finfo(a.dtype)
     c = a.dtype.type(info.tiny ** (1.0 / root) * 2.0 ** (info.nmant + 1))
