@@ -1673,6 +1673,10 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(str(arrays.pop("meta")[()]))
+        if meta.get("format") in RETIRED_FORMATS:
+            raise CheckpointError(f"{path}: written by an earlier fmnist ({meta['format']}: "
+                                  f"{RETIRED_FORMATS[meta['format']]}), which this version "
+                                  f"cannot resume; train the run again")
         if meta.get("format") != expected_format:
             raise ValueError(f"format {meta.get('format')!r}, expected {expected_format!r}")
         meta["config"] = Config.from_json(meta["config"])
@@ -1710,7 +1714,8 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta
 
 
-STATE_FORMAT = "fmnist-train-state-2"   # 2: the L2 term became (lambda/2) sum ||W||^2
+STATE_FORMAT = "fmnist-train-state-2"
+RETIRED_FORMATS = {"fmnist-train-state-1": "its L2 term was l2 * sum ||W||^2, now half that"}
 STATE_ARRAYS = ("params", "m", "v", "best_params")   # and "model" when it is not params
 TRAINED_ARRAYS = ("params", "m", "v")                 # the others are plain networks (no g)
 

@@ -1712,6 +1712,19 @@ def test_fit_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
     assert straight.best == resumed.best and straight.opt_state.step == resumed.opt_state.step
 
 
+def test_a_training_state_of_a_retired_format_is_refused_with_the_reason(raw, tmp_path, monkeypatch):
+    """A state saved when the L2 term was l2 * sum ||W||^2 would resume with half its L2: the
+    same --l2 value meant twice the regularisation then. Refuse it, saying why, rather than
+    continue a run under another objective."""
+    config = Config(hidden=(8,), epochs=1, limit=100)
+    state, record = next(fit(_tiny_splits(raw, 100, 50), config))
+    monkeypatch.setattr(fmnist, "STATE_FORMAT", "fmnist-train-state-1")
+    fmnist.save_state(tmp_path / "state.npz", state, config, [record])
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"earlier fmnist \(fmnist-train-state-1: its L2 term"):
+        fmnist.load_state(tmp_path / "state.npz")
+
+
 def test_fit_with_every_option_resumed_from_a_saved_state_is_bit_identical(raw, tmp_path):
     """The same with every new option on. The running average is state too: it cannot be
     recomputed from the parameters, so save_state must store it (as "model") and load_state give
