@@ -1673,12 +1673,13 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(str(arrays.pop("meta")[()]))
-        if meta.get("format") in RETIRED_FORMATS:
-            raise CheckpointError(f"{path}: written by an earlier fmnist ({meta['format']}: "
-                                  f"{RETIRED_FORMATS[meta['format']]}), which this version "
-                                  f"cannot resume; train the run again")
-        if meta.get("format") != expected_format:
-            raise ValueError(f"format {meta.get('format')!r}, expected {expected_format!r}")
+        found = meta.get("format")
+        if found in RETIRED_FORMATS:
+            raise CheckpointError(f"{path}: written by an earlier fmnist ({found}: "
+                                  f"{RETIRED_FORMATS[found]}), which this version cannot resume; "
+                                  f"train the run again")
+        if found != expected_format:
+            raise ValueError(f"format {found!r}, expected {expected_format!r}")
         meta["config"] = Config.from_json(meta["config"])
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not an fmnist file of this kind (bad or missing "

@@ -29,7 +29,7 @@ import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -1787,27 +1787,35 @@ def test_the_report_recipe_is_the_default_config_with_every_new_option_off():
     assert fmnist.state_arrays(Config(average=0.5)) == ("params", "m", "v", "best_params", "model")
 
 
+def interrupted_train(args, out: Path, run_dirs: Sequence[Path], epochs: int) -> tuple[int, str]:
+    """Start `train *args --out out`, send it SIGINT (Ctrl-C) as soon as the history.json of every
+    run directory in run_dirs lists `epochs` epochs (or after 120 s), and return its exit code
+    and stderr once it has stopped."""
+    proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if all(len(json.loads((d / "history.json").read_text())) >= epochs for d in run_dirs):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
 def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     """Ctrl-C (SIGINT) mid-run exits cleanly after saving, prints the command that resumes, and
     `train --resume` then finishes with exactly the parameters of a run never interrupted."""
     args = ["--limit", 2000, "--hidden", "64", "--epochs", 12, "--quiet"]
     assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / "history.json").read_text())) >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    returncode, stderr = interrupted_train(args, out, [out], epochs=3)
+    if returncode == 0:
         pytest.skip("the run finished before it could be interrupted")
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert f"--resume {out}" in stderr and "Traceback" not in stderr
     assert not (out / "metrics.json").exists()
     resumed = run_cli("train", "--resume", out)
@@ -1926,22 +1934,11 @@ def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
     args = ["--recipe", "best", "--limit", 2000, "--hidden", "32", "--epochs", 40, "--jobs", 2, "--quiet"]
     assert run_cli("train", *args, "--out", tmp_path / "straight").returncode == 0
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "fmnist.py", "train", *map(str, args), "--out", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if all(len(json.loads((out / name / "history.json").read_text())) >= 2
-                   for name in fmnist.ENSEMBLES["best"]):
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    returncode, stderr = interrupted_train(args, out, [out / name for name in fmnist.ENSEMBLES["best"]],
+                                           epochs=2)
+    if returncode == 0:
         pytest.skip("the ensemble finished before it could be interrupted")
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert f"train --resume {out}" in stderr
     assert not (out / "metrics.json").exists()
     resumed = run_cli("train", "--resume", out)
