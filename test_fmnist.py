@@ -3395,3 +3395,81 @@ def test_adam_refuses_a_state_that_does_not_match_the_parameters():
     x, y = np.zeros((4, 6), np.float32), np.zeros(4, np.intp)
     with pytest.raises(ValueError, match="Adam state m"):
         train_epoch(params, other, x, y, Config(hidden=(5,)))
+
+
+# ================================================================================================
+# The profile of an epoch (benchmarks/profile_epoch.py): samples land in the right category
+# ================================================================================================
+
+def load_profile_epoch():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("profile_epoch",
+                                                  HERE / "benchmarks" / "profile_epoch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def matrix_product_lines(source: str, functions: set[str]) -> tuple[set[int], set[int]]:
+    """Lines of the named functions of fmnist.py that compute a matrix product (an `@`, or a
+    call of np.matmul or np.dot) according to Python's own parser, and all of their lines."""
+    import ast
+    products, spans = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name in functions:
+            spans |= set(range(node.lineno, node.end_lineno + 1))
+            for inner in ast.walk(node):
+                if (isinstance(inner, ast.BinOp) and isinstance(inner.op, ast.MatMult)) or (
+                        isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute)
+                        and inner.func.attr in ("matmul", "dot")):
+                    products.add(inner.lineno)
+    return products, spans
+
+
+def test_the_profile_counts_exactly_the_matrix_products_of_an_epoch_as_matrix_products():
+    """The profile tells a matrix product from elementwise work by the text of the line it was
+    on. For every function an epoch runs through, the lines it calls matrix products must be the
+    lines Python's parser finds one on: otherwise an edit (say, `A @ W` rewritten as np.dot on a
+    line of its own) would quietly move time from one category to another."""
+    profile = load_profile_epoch()
+    source = Path(fmnist.__file__).read_text()
+    lines = source.splitlines()
+    products, spans = matrix_product_lines(source, {"forward", "backward", "_inference",
+                                                    "train_epoch", "adam_update", "_adam_slice"})
+    assert len(products) >= 5          # forward's two, backward's two, _inference's two
+    said = {n for n in spans if profile.MATMUL.search(lines[n - 1].split("#")[0])}
+    assert said == products
+
+
+def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profiled_epochs():
+    """Samples in py-spy's raw format ('frame;frame;... count'), built from lines of fmnist.py
+    found by their text, land in their category; a sample outside the profiled epochs (loading
+    the data, the warm-up epoch) is not counted."""
+    profile = load_profile_epoch()
+    lines = Path(fmnist.__file__).read_text().splitlines()
+
+    def at(function: str, text: str) -> str:
+        """The frame of `function` on its first line holding `text`."""
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function}("))
+        number = next(i for i, line in enumerate(lines[start:], start + 1) if text in line)
+        return f"{function} (fmnist.py:{number})"
+
+    epoch = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "logits, cache = forward(")
+    train = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "adam_update(p, grads")
+    gather = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "augment(x[idx]")
+    validate = (f"{profile.PROFILED} (profile_epoch.py:62);" + at("evaluate", "logits = (predict")
+                + ";" + at("predict_logits", "_inference(params, x[i"))
+    raw = "\n".join([
+        epoch + ";" + at("forward", "Z = A @ params") + " 7",
+        epoch + ";" + at("forward", "gate = Z > 0") + " 3",
+        train + ";" + at("adam_update", "_adam_slice(p[s]") + ";" + at("_adam_slice", "np.sqrt(v_out") + " 5",
+        gather + " 2",
+        validate + ";" + at("_inference", "Z = A @ params") + " 4",
+        validate + ";" + at("_inference", "np.maximum(Z, 0.0") + " 1",
+        "child (profile_epoch.py:70);" + at("train_epoch", "adam_update(p, grads") + " 100",
+        at("load_fashion_mnist", "raw = RawData(") + " 50",
+    ])
+    counts = profile.tally(raw, lines)
+    assert counts == {"matrix products, training": 7, "forward: bias, ReLU, dropout": 3,
+                      "Adam updates": 5, "batch gathers x[idx], y[idx]": 2,
+                      "matrix products, validation": 4, "validation: bias, ReLU, loss": 1}
