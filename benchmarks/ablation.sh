@@ -4,6 +4,8 @@
 # used one BLAS thread each, two at a time (OPENBLAS_NUM_THREADS=1); with another thread count
 # the figures differ by a few tenths. Each row takes 2-10 minutes on a 2-core machine.
 # Usage: [SEED=1] sh benchmarks/ablation.sh [ROW ...]   (default: every row, seed 42)
+# A row whose run finished before is skipped (delete its folder to redo it); an interrupted one
+# is resumed. Each run's output goes to runs/ablation/<row>-seed<seed>.log.
 set -e
 cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
@@ -63,6 +65,14 @@ for row in ${@:-0 0b 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
     echo "row $row: python fmnist.py train $f"
     out="runs/ablation/$row-seed${SEED:-42}"
     mkdir -p runs/ablation
-    python fmnist.py train $f --seed "${SEED:-42}" --out "$out" --quiet > "$out.log"  # set -e stops on failure
-    grep -E "^(best epoch|test:)" "$out.log"
+    if [ -f "$out/metrics.json" ]; then          # finished before: keep it (delete it to redo)
+        echo "  already done in $out"
+    elif [ -f "$out/state.npz" ]; then           # interrupted: continue it, bit for bit
+        python fmnist.py train --resume "$out" --quiet > "$out.log.part"   # set -e stops on failure
+        mv "$out.log.part" "$out.log"
+    else
+        python fmnist.py train $f --seed "${SEED:-42}" --out "$out" --quiet > "$out.log.part"
+        mv "$out.log.part" "$out.log"
+    fi
+    grep -E "^(best epoch|test:)" "$out.log" || true
 done

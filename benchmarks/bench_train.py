@@ -210,7 +210,7 @@ def repeat_timed(one_epoch, repeats: int, label: str) -> list[float]:
 def bench_gemm_floor(splits, config, repeats: int) -> dict:
     """Seconds of matrix products in one epoch: per training batch the forward products, the
     weight gradients and the input gradients (all layers but the first: nothing needs dL/dX), then
-    the validation forward pass as one 10,000-row chunk, as `fmnist.evaluate` does it.
+    the validation forward pass in chunks of `fmnist.EVAL_CHUNK` rows, as `fmnist.evaluate` runs it.
 
     The products read transposed views (`A.T`, `W.T`) exactly like `fmnist.backward`, and write
     with `out=` into preallocated arrays, so allocation is not counted. Median of `repeats` runs
@@ -222,14 +222,16 @@ def bench_gemm_floor(splits, config, repeats: int) -> dict:
     W = [np.asarray(params[f"W{l}"]) for l in range(1, len(sizes))]
     steps = batch_sizes(len(splits.y_train), config.batch_size)
     bufs = {b: gemm_buffers(b, sizes, splits.x_train, rng) for b in set(steps)}
-    val = gemm_buffers(len(splits.y_val), sizes, splits.x_val, rng)
+    chunks = batch_sizes(len(splits.y_val), fmnist.EVAL_CHUNK)
+    val = {b: gemm_buffers(b, sizes, splits.x_val, rng) for b in set(chunks)}
 
     def one_epoch() -> float:
         started = time.perf_counter()
         for b in steps:
             forward_gemms(bufs[b], W)
             backward_gemms(bufs[b], W)
-        forward_gemms(val, W)
+        for b in chunks:
+            forward_gemms(val[b], W)
         return time.perf_counter() - started
 
     runs = repeat_timed(one_epoch, repeats, "GEMM floor")
