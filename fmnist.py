@@ -71,6 +71,7 @@ NUM_INPUTS = 784
 MEAN, STD = 0.286, 0.353          # report 2.3: normalisation of pixels scaled to [0, 1]
 DTYPES = ("float32", "float64")
 TRAIN_IMAGES = 60_000              # official training set, split into train and validation
+TEST_IMAGES = 10_000               # official test set, for the final evaluation only
 SCHEDULES = ("constant", "cosine")
 MAX_SHIFT = 4                      # pixels; an item moved further starts to leave the 28 x 28 frame
 
@@ -135,6 +136,11 @@ def check_config(c: Config) -> None:
         (0.0 <= c.beta2 < 1.0, f"beta2 must be in [0, 1), got {c.beta2}"),
         (c.eps > 0.0, f"eps must be > 0, got {c.eps}"),
         (c.batch_size >= 1, f"batch size must be >= 1, got {c.batch_size}"),
+        (c.batch_size >= 2 or not c.batch_norm,
+         f"batch norm needs batches of at least 2 images (their mean and spread), "
+         f"got batch size {c.batch_size}"),
+        (c.seed >= 0, f"seed must be >= 0, got {c.seed}"),
+        (c.split_seed >= 0, f"split seed must be >= 0, got {c.split_seed}"),
         (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
         (c.patience >= 0, f"patience must be >= 0, got {c.patience}"),
         (c.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"),
@@ -158,8 +164,8 @@ def check_config(c: Config) -> None:
         (not (c.batch_norm and c.average),
          "batch norm and a running average of weights do not combine here; drop one of them"),
         (c.flip > 0 or not c.flip_average,
-         "flip averaging at prediction needs a network trained on mirror images (flip > 0); "
-         "add --no-flip-average"),
+         "flip averaging at prediction needs a network trained on mirror images: add --flip "
+         "with a probability above 0, or --no-flip-average"),
     ]
     for ok, message in checks:
         if not ok:
@@ -428,6 +434,8 @@ def download_fashion_mnist(data_dir: str | Path = "data", mirror: str = MIRROR,
     leaves no file the loader would accept.
     """
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: exists and is not a directory; choose another --data-dir")
     targets = {}                                  # name -> where the verified file will go
     for name in DATA_FILES:
         found, valid = _existing_data_file(data_dir, name)
@@ -436,16 +444,22 @@ def download_fashion_mnist(data_dir: str | Path = "data", mirror: str = MIRROR,
     if not targets:
         log(f"{data_dir}: the four Fashion-MNIST files are present and valid")
         return data_dir
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     if use_torchvision is None:
         import importlib.util
         use_torchvision = importlib.util.find_spec("torchvision") is not None
-    if use_torchvision:
-        raw = data_dir / "FashionMNIST" / "raw"
-        _download_with_torchvision(data_dir, {n: t or raw / n for n, t in targets.items()}, log)
-    else:
-        for name, target in targets.items():
-            _download_from_mirror(name, target or data_dir / f"{name}.gz", mirror, log)
+    try:
+        if use_torchvision:
+            raw = data_dir / "FashionMNIST" / "raw"
+            _download_with_torchvision(data_dir, {n: t or raw / n for n, t in targets.items()}, log)
+        else:
+            for name, target in targets.items():
+                _download_from_mirror(name, target or data_dir / f"{name}.gz", mirror, log)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):   # leave no empty folder behind a failure
+            data_dir.rmdir()
+        raise
     load_fashion_mnist(data_dir)                  # the loader's own verdict, on all four
     return data_dir
 
@@ -1541,10 +1555,14 @@ def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool
     return log_mean_softmax([predict_logits(p, x, chunk, flip_average) for p in models])
 
 
-def class_probabilities(params: Mapping, images: np.ndarray, dtype: str,
+def class_probabilities(params: Mapping | Sequence[Mapping], images: np.ndarray, dtype: str,
                         flip_average: bool = False) -> np.ndarray:
-    """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training."""
-    logits = predict_logits(params, normalise(images, dtype), flip_average=flip_average)
+    """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training.
+    `params` may also be a list of networks, an ensemble (see ensemble_logits)."""
+    x = normalise(images, dtype)
+    members = [params] if isinstance(params, Mapping) else list(params)
+    logits = (predict_logits(members[0], x, flip_average=flip_average) if len(members) == 1
+              else ensemble_logits(members, x, flip_average))
     return softmax(logits.astype(np.float64))
 
 
@@ -2172,6 +2190,8 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
         size = path.stat().st_size
     except OSError as e:
         raise ImageError(f"{path}: cannot be opened ({e.strerror})") from None
+    if path.is_dir():
+        raise ImageError(f"{path}: a directory, not an image file")
     if size == 0:
         raise ImageError(f"{path}: empty file, not an image")
     try:
@@ -2213,17 +2233,19 @@ def to_fashion_mnist(gray: np.ndarray) -> np.ndarray:
     left, as in the dataset, so most Fashion-MNIST images come back unchanged: 7,996 of the
     10,000 test images exactly, 9,024 within 10 grey levels. The others lose faint pixels (at
     most TRIM_LEVEL above the background) outside the object's box, or span fewer than 28 pixels
-    in their longer direction and are stretched to 28.
+    in their longer direction and are stretched to 28. A picture with no pixel more than
+    TRIM_LEVEL lighter than its border holds no object: ValueError, rather than a confident
+    answer about a blank square.
     """
     from PIL import Image
     border = _border(gray)
     x = np.clip(gray.astype(np.float32) - np.median(border), 0, None)     # (H, W), background 0
     rows = np.flatnonzero((x > TRIM_LEVEL).any(axis=1))
     cols = np.flatnonzero((x > TRIM_LEVEL).any(axis=0))
-    if rows.size:
-        x = x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]                 # (h, w), the object
-    if x.max() > 0:
-        x *= 255.0 / x.max()
+    if not rows.size:
+        raise ValueError("no object found: nothing in the picture is lighter than its border")
+    x = x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]                     # (h, w), the object
+    x *= 255.0 / x.max()
     h, w = x.shape
     scale = IMAGE_SHAPE[0] / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))            # (width, height) <= 28
@@ -2488,8 +2510,15 @@ def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
     """--resume's directory, once it is clear there is something to resume and nothing to
     override (a run or an ensemble keeps the settings it started with)."""
     out = Path(args.resume)
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: {'not found' if not out.exists() else 'not a directory'}"
+                              f"; --resume takes the directory a `train` run wrote")
     if (out / "metrics.json").exists():
         raise CheckpointError(f"{out}: this {what} has already finished; nothing to resume")
+    marker = "ensemble.json" if what == "ensemble" else "state.npz"
+    if not (out / marker).exists():
+        raise CheckpointError(f"{out}: no {marker}, so no {what} to resume here; --resume takes "
+                              f"the directory a `train` run wrote")
     if args.recipe or given_hyperparameters(args):
         raise ValueError("--resume continues a run with its stored settings; "
                          "do not pass a recipe or hyperparameters with it")
@@ -2506,7 +2535,11 @@ def _new_run_dir(args: argparse.Namespace) -> Path:
 
 def _start_run_dir(out: Path, config: Config) -> None:
     """Create the run directory, clear what an earlier run (--force) left there, save the config."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the run directory ({e.strerror}); "
+                              f"choose another --out") from None
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     write_json(out / "config.json", config.to_json())
@@ -2555,18 +2588,27 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: str | Path
                          ) -> tuple[dict, list[tuple[Params, Config, dict]]]:
     """full_evaluation of one checkpoint, or of several as an ensemble (they must share split,
     dtype and flip averaging), and what was loaded."""
+    loaded = load_members(paths)
+    config = loaded[0][1]
+    splits = make_splits(load_fashion_mnist(data_dir), config)
+    models = [params for params, _, _ in loaded]
+    return full_evaluation(models, splits, config.flip_average), loaded   # one model: no ensemble
+
+
+def load_members(paths: Sequence[Path]) -> list[tuple[Params, Config, dict]]:
+    """load_checkpoint of each path, refusing members that would not make an ensemble: they
+    must share the split, dtype and flip averaging."""
     loaded = [load_checkpoint(path) for path in paths]
     config = loaded[0][1]
     shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
     for path, (_, other, _) in zip(paths[1:], loaded[1:]):
         differ = [k for k in shared if getattr(other, k) != getattr(config, k)]
         if differ:
-            raise CheckpointError(f"{path}: its {', '.join(differ)} differ from "
-                                  f"{paths[0]}'s; an ensemble's members must share "
-                                  f"split, dtype and flip averaging")
-    splits = make_splits(load_fashion_mnist(data_dir), config)
-    models = [params for params, _, _ in loaded]
-    return full_evaluation(models, splits, config.flip_average), loaded   # one model: no ensemble
+            raise CheckpointError(f"{path}: its {', '.join(differ)} "
+                                  f"{'differ' if len(differ) > 1 else 'differs'} from "
+                                  f"{paths[0]}'s; an ensemble's members must share their "
+                                  f"split (split_seed, val_size, limit), dtype and flip averaging")
+    return loaded
 
 
 def _ensemble_line(members: int, flip_average: bool) -> str:
@@ -2575,26 +2617,37 @@ def _ensemble_line(members: int, flip_average: bool) -> str:
 
 
 def _checkpoints_in(path: Path) -> list[Path]:
-    """[path], or for the directory of an ensemble run its members' best.npz."""
+    """[path] for a checkpoint file; for a run directory its best.npz; for the directory of an
+    ensemble run its members' best.npz."""
+    if not path.is_dir():
+        return [path]
+    if (path / "best.npz").exists():
+        return [path / "best.npz"]
     try:
         members = json.loads((path / "ensemble.json").read_text())["members"]
     except (OSError, ValueError, KeyError, TypeError):
-        return [path]
+        raise CheckpointError(f"{path}: a directory with neither best.npz nor ensemble.json; "
+                              f"pass a checkpoint or the directory of a `train` run") from None
     return [path / name / "best.npz" for name in members]
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Redraw the pictures and rewrite report.md of a finished run."""
-    paths = write_run_artifacts(args.run_dir, args.data_dir)
+    """Redraw the pictures and rewrite report.md of a finished run (of each member's run, for
+    the directory of an ensemble)."""
+    if not args.run_dir.is_dir():
+        raise CheckpointError(f"{args.run_dir}: {'not found' if not args.run_dir.exists() else 'not a directory'}"
+                              f"; report takes the directory a `train` run wrote")
+    runs = [path.parent for path in _checkpoints_in(args.run_dir)
+            ] if (args.run_dir / "ensemble.json").exists() else [args.run_dir]
+    paths = [p for run in runs for p in write_run_artifacts(run, args.data_dir)]
     print("\n".join(f"wrote {p}" for p in paths))
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """Top-3 classes for each image file and each --test-index, as text lines or one JSON object."""
-    if not args.images and not args.test_index:
-        raise ValueError("give one or more image files, or --test-index N")
-    params, config, _ = load_checkpoint(args.checkpoint)
+    loaded = load_members(_checkpoints_in(args.checkpoint))    # one network, or an ensemble
+    models, config = [params for params, _, _ in loaded], loaded[0][1]
     inputs, images = [], []                                     # images: (28, 28) uint8 each
     for path in args.images:
         gray = read_image(path, args.invert)
@@ -2602,16 +2655,19 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"note: {path} looks like a dark object on a light background after "
                   f"{'--invert' if args.invert else 'reading'}; "
                   f"{'drop' if args.invert else 'pass'} --invert if so", file=sys.stderr)
+        try:
+            images.append(to_fashion_mnist(gray))
+        except ValueError as e:                                 # nothing to classify
+            hint = ("" if args.invert
+                    else "; a dark object on a light or transparent background needs --invert")
+            raise ImageError(f"{path}: {e}{hint}") from None
         inputs.append({"input": str(path)})
-        images.append(to_fashion_mnist(gray))
     if args.test_index:
         test_images, test_labels = load_test_set(args.data_dir)
-        for i in args.test_index:
-            if not 0 <= i < len(test_labels):
-                raise ValueError(f"--test-index must be in 0..{len(test_labels) - 1}, got {i}")
+        for i in args.test_index:                               # 0 <= i < TEST_IMAGES: _test_index
             inputs.append({"input": f"test image {i}", "true_class": CLASS_NAMES[test_labels[i]]})
             images.append(test_images[i])
-    probs = class_probabilities(params, np.stack(images), config.dtype,
+    probs = class_probabilities(models, np.stack(images), config.dtype,
                                 config.flip_average)                  # (N, 10)
     results = [item | {"top": top_k(p)} for item, p in zip(inputs, probs)]
     if args.json:
@@ -2626,8 +2682,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_gradcheck(args: argparse.Namespace) -> int:
     """Print backward's largest relative error against finite differences, per parameter."""
-    if not args.hidden or min(args.hidden) < 1 or args.batch < 1:
-        raise ValueError("--hidden needs positive widths and --batch a positive size")
     case = gradcheck_case(args.hidden, args.batch, args.seed, batch_norm=args.batch_norm)
     sizes = layer_sizes_of(case.params)
     print(f"gradient check: {_dashed(sizes)} network in float64, batch {args.batch}, "
@@ -2643,6 +2697,16 @@ def run_gradcheck(args: argparse.Namespace) -> int:
     print(f"{verdict}: largest relative error {worst:.1e}, tolerance {GRADCHECK_TOL:.0e} "
           f"(relative error = |backward - numeric| / max(|backward|, |numeric|, {GRADCHECK_FLOOR:g}))")
     return 0 if verdict == "PASS" else 1
+
+
+def check_gradcheck_args(args: argparse.Namespace) -> None:
+    """Raise ValueError for gradcheck settings that build no network (a usage error)."""
+    if not args.hidden or min(args.hidden) < 1:
+        raise ValueError(f"--hidden needs one or more positive widths, got "
+                         f"{','.join(map(str, args.hidden)) or 'none'}")
+    if args.batch_norm and args.batch < 2:
+        raise ValueError(f"--batch-norm needs --batch of at least 2 (a batch's mean and "
+                         f"spread), got {args.batch}")
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -2668,6 +2732,21 @@ def _positive_number(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number of at least 0, got {text!r}")
+    return value
+
+
+def _test_index(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 <= value < TEST_IMAGES:
+        raise argparse.ArgumentTypeError(f"a test image number is 0 to {TEST_IMAGES - 1}, "
+                                         f"got {text!r}")
+    return value
+
+
 def _hidden_sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(h) for h in text.split(",")) if text.strip() else ()
@@ -2676,8 +2755,19 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
             f"expected comma-separated layer widths such as 512,256,128, got {text!r}") from None
 
 
-def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the IDX files") -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help=help)
+def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the IDX files",
+                   default: Path | None = None) -> None:
+    """--data-dir; by default (None) the data the command finds: see default_data_dir."""
+    parser.add_argument("--data-dir", type=Path, default=default,
+                        help=help if default else f"{help} (default: ./data if it exists, "
+                                                  f"else the data/ folder beside fmnist.py)")
+
+
+def default_data_dir() -> Path:
+    """./data when it exists (a checkout, or a folder of your own), else the data/ folder that
+    ships beside fmnist.py: so `fmnist train` works from any directory."""
+    here, beside = Path("data"), Path(__file__).resolve().parent / "data"
+    return here if here.is_dir() or not beside.is_dir() else beside
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2744,9 +2834,8 @@ def build_parser() -> argparse.ArgumentParser:
           action=argparse.BooleanOptionalAction)
     hyper("--batch-norm", "normalise each hidden layer's pre-activations over the batch",
           action=argparse.BooleanOptionalAction)
-    hyper("--seed", "seed for initialisation, shuffling, augmentation and dropout",
-          type=_whole_number)
-    hyper("--split-seed", "seed of the train/validation permutation", type=_whole_number)
+    hyper("--seed", "seed for initialisation, shuffling, augmentation and dropout", type=_seed)
+    hyper("--split-seed", "seed of the train/validation permutation", type=_seed)
     hyper("--dtype", "floating-point type", choices=DTYPES)
     train.add_argument("--limit", type=_whole_number, default=argparse.SUPPRESS,
                        help="train on the first N training images only (quick tries)")
@@ -2761,16 +2850,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate_cmd = add_command("evaluate", help="evaluate a saved checkpoint or an ensemble",
                                        description="Print the full evaluation of a checkpoint, or "
-                                                   "of several as an ensemble.")
+                                                   "of several as an ensemble.",
+                               formatter_class=_HelpFormatter)
     evaluate_cmd.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
-                              help="a best.npz written by train, or the directory of an "
-                                   "ensemble run; several are evaluated as an ensemble (the mean "
-                                   "of their predicted distributions)")
+                              help="a best.npz written by train, a run's directory (its "
+                                   "best.npz), or the directory of an ensemble run; several are "
+                                   "evaluated as an ensemble (the mean of their predicted "
+                                   "distributions)")
     _data_dir_flag(evaluate_cmd)
     report_cmd = add_command("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
-                                                 "and rewrite report.md in a finished run directory.")
-    report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
+                                                 "and rewrite report.md in a finished run directory.",
+                             formatter_class=_HelpFormatter)
+    report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train (an "
+                                                       "ensemble's: each member's report)")
     _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
     predict_cmd = add_command(
         "predict", help="classify image files or test-set images with a checkpoint",
@@ -2778,13 +2871,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "size or colour is made into a 28x28 grayscale image the way Fashion-MNIST's "
                     "were: a light object on a dark background, trimmed to the object, longest "
                     "side fitted to 28 and centred. Photos of a dark object on a light background "
-                    "need --invert.")
-    predict_cmd.add_argument("checkpoint", type=Path, help="a best.npz written by train")
+                    "need --invert.",
+        formatter_class=_HelpFormatter)
+    predict_cmd.add_argument("checkpoint", type=Path,
+                             help="a best.npz written by train, a run's directory (its best.npz) "
+                                  "or an ensemble's directory (the mean of its members' answers)")
     predict_cmd.add_argument("images", type=Path, nargs="*", metavar="IMAGE",
                              help="image files (PNG, JPEG, or anything Pillow reads)")
     predict_cmd.add_argument("--invert", action="store_true",
                              help="the images show a dark object on a light background")
-    predict_cmd.add_argument("--test-index", type=_whole_number, action="append", metavar="N",
+    predict_cmd.add_argument("--test-index", type=_test_index, action="append", metavar="N",
                              help="also classify test-set image N (0-9999); repeatable")
     predict_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _data_dir_flag(predict_cmd, "folder with the IDX files (for --test-index)")
@@ -2792,12 +2888,14 @@ def build_parser() -> argparse.ArgumentParser:
         "gradcheck", help="check backward against finite differences on a small network",
         description="Build a small random float64 network (784 inputs, 10 classes), and print for "
                     "every parameter the largest relative error between backward and central "
-                    "finite differences of the loss (cross-entropy + L2, one fixed dropout mask).",
+                    "finite differences of the loss (cross-entropy + L2, one fixed dropout mask). "
+                    "It computes the loss twice per parameter, so its time grows with the "
+                    "network: seconds for the default, half a minute for --hidden 64.",
         formatter_class=_HelpFormatter)
-    gradcheck_cmd.add_argument("--hidden", type=_hidden_sizes, default=(8, 6),
+    gradcheck_cmd.add_argument("--hidden", type=_hidden_sizes, default="8,6",
                                help="hidden layer widths, comma-separated")
-    gradcheck_cmd.add_argument("--batch", type=_whole_number, default=4, help="batch size")
-    gradcheck_cmd.add_argument("--seed", type=_whole_number, default=0,
+    gradcheck_cmd.add_argument("--batch", type=_positive_number, default=4, help="batch size")
+    gradcheck_cmd.add_argument("--seed", type=_seed, default=0,
                                help="seed of the network, batch and dropout mask")
     gradcheck_cmd.add_argument("--batch-norm", action="store_true",
                                help="normalise the hidden layers over the batch")
@@ -2807,7 +2905,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "installed, else from the mirror with the standard library; checksums are "
                     "verified before a file is written. Files already valid are kept.",
         formatter_class=_HelpFormatter)
-    _data_dir_flag(download_cmd, "where to put the files")
+    _data_dir_flag(download_cmd, "where to put the files", default=Path("data"))
     download_cmd.add_argument("--mirror", default=MIRROR,
                               help="base URL of the .gz files (without torchvision)")
     download_cmd.add_argument("--no-torchvision", action="store_true",
@@ -2856,11 +2954,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
+    if "data_dir" in args and args.data_dir is None:
+        args.data_dir = default_data_dir()
     try:
         if args.command == "train":
             if args.resume and (Path(args.resume) / "ensemble.json").exists():
                 return run_ensemble(args, None)
             ensemble = args.recipe in ENSEMBLES and not args.resume    # resume: refused below
+            if args.jobs and not ensemble:
+                parser.exit(2, f"{parser.prog} train: error: --jobs applies to an ensemble "
+                               f"recipe only (--recipe {', '.join(ENSEMBLES)})\n")
             try:
                 members = ensemble_from_args(args) if ensemble else None
                 config = Config() if ensemble or args.resume else config_from_args(args)
@@ -2875,8 +2978,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return run_report(args)
         if args.command == "predict":
+            if not args.images and not args.test_index:
+                parser.exit(2, f"{parser.prog} predict: error: give one or more image files, "
+                               f"or --test-index N\n")
             return run_predict(args)
         if args.command == "gradcheck":
+            try:
+                check_gradcheck_args(args)
+            except ValueError as e:
+                parser.exit(2, f"{parser.prog} gradcheck: error: {e}\n")
             return run_gradcheck(args)
         if args.command == "download":
             return run_download(args)

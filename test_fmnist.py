@@ -1490,15 +1490,84 @@ def test_cli_refuses_to_overwrite_a_finished_run(trained_run, tmp_path):
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.iterdir()} == before
 
 
-@pytest.mark.parametrize("flag, value, word", [("--lr", "-1", "learning rate"), ("--dropout", "1", "dropout"),
-                                               ("--hidden", "0", "hidden")])
-def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flag, value, word):
-    """A value out of range is the user's typo: exit 2 with one line saying which, and touch nothing."""
+@pytest.mark.parametrize("flags, word", [
+    (["--lr", "-1"], "learning rate"), (["--dropout", "1"], "dropout"), (["--hidden", "0"], "hidden"),
+    (["--seed", "-1"], "seed"), (["--split-seed", "-1"], "seed"),
+    (["--batch-norm", "--batch-size", "1"], "batch norm needs batches of at least 2"),
+    (["--jobs", "2"], "--jobs applies to an ensemble recipe only"),
+    (["--flip-average"], "add --flip"),
+])
+def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flags, word):
+    """A value out of range is the user's typo: exit 2 with its line last on stderr (after
+    argparse's usage line, for a value of the wrong kind), saying which, and touch nothing."""
     out = tmp_path / "never"
-    proc = run_cli("train", flag, value, "--out", out)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and word in proc.stderr, proc.stderr
+    proc = run_cli("train", *flags, "--out", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("fmnist train: error: "), proc.stderr
+    assert word in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, word", [
+    (["gradcheck", "--hidden", "0"], "--hidden needs one or more positive widths, got 0"),
+    (["gradcheck", "--batch", "0"], "--batch: expected a number of at least 1, got '0'"),
+    (["gradcheck", "--batch", "1", "--batch-norm"], "--batch-norm needs --batch of at least 2"),
+    (["gradcheck", "--seed", "-3"], "a seed is a whole number of at least 0, got '-3'"),
+    (["predict", "best.npz", "--test-index", "10000"], "a test image number is 0 to 9999"),
+])
+def test_cli_other_commands_bad_settings_are_usage_errors_naming_the_value(command, word):
+    proc = run_cli(*command)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fmnist {command[0]}: error: ") and word in last, proc.stderr
+
+
+def test_cli_paths_of_the_wrong_kind_get_one_line_saying_what_was_expected(run_dir, tmp_path):
+    """A file where a directory belongs, a directory where a file belongs, a folder that is not
+    a run, a run directory that cannot be created: one line each, naming the path and what the
+    command takes, never an OS error number."""
+    a_file = tmp_path / "a.png"
+    a_file.write_bytes(b"not really")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["train", "--resume", a_file], a_file, "not a directory; --resume takes the directory"),
+        (["train", "--resume", empty], empty, "no state.npz, so no run to resume"),
+        (["train", "--resume", tmp_path / "gone"], tmp_path / "gone", "not found"),
+        (["report", run_dir / "best.npz"], run_dir / "best.npz", "report takes the directory"),
+        (["predict", run_dir, empty], empty, "a directory, not an image file"),
+        (["evaluate", empty], empty, "neither best.npz nor ensemble.json"),
+        (["download", "--data-dir", a_file], a_file, "exists and is not a directory"),
+        (["train", "--limit", 100, "--epochs", 1, "--out", a_file / "run"], a_file / "run",
+         "cannot create the run directory"),
+    ]
+    for argv, path, words in cases:
+        line = one_line_error(run_cli(*argv), stdout=None)
+        assert str(path) in line and words in line and "Errno" not in line, (argv, line)
+
+
+def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path):
+    """Without --data-dir a command reads ./data if there is one, else the data/ beside
+    fmnist.py: run from elsewhere, `evaluate` still finds the shipped files; a ./data of the
+    user's own comes first (here an empty one, which then has no files to offer)."""
+    def evaluate_from(cwd):
+        return subprocess.run([sys.executable, str(HERE / "fmnist.py"), "evaluate", run_dir],
+                              cwd=cwd, capture_output=True, text=True, timeout=120)
+    proc = evaluate_from(tmp_path)
+    assert proc.returncode == 0 and "test:" in proc.stdout, proc.stderr
+    (tmp_path / "data").mkdir()
+    line = one_line_error(evaluate_from(tmp_path), stdout=None)
+    assert "data/train-images-idx3-ubyte[.gz]: file not found" in line, line
+
+
+def test_cli_evaluate_and_predict_take_a_run_directory_for_its_best_checkpoint(run_dir):
+    """The run directory stands for its best.npz, as an ensemble's directory does for its
+    members: the same figures, the same predictions."""
+    for command in (["evaluate"], ["predict", "--test-index", 3, "--json"]):
+        by_file, by_dir = (run_cli(*command, path) for path in (run_dir / "best.npz", run_dir))
+        assert by_file.returncode == 0 and by_dir.returncode == 0, by_dir.stderr
+        assert by_dir.stdout.replace(str(run_dir / "best.npz"), str(run_dir)) == \
+            by_file.stdout.replace(str(run_dir / "best.npz"), str(run_dir))
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"]], ids=["top", "train", "evaluate"])
@@ -1676,7 +1745,8 @@ def configs(draw) -> Config:
     if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
         changes["flip_average"] = False
     if changes.get("batch_norm", base.batch_norm):   # batch norm excludes a running average
-        changes["average"] = 0.0
+        changes["average"] = 0.0                     # and needs batches of two or more
+        changes["batch_size"] = max(2, changes.get("batch_size", base.batch_size))
     return dataclasses.replace(base, **changes)
 
 
@@ -1912,6 +1982,34 @@ def test_cli_ensemble_refuses_to_overwrite_or_resume_a_finished_one_and_names_ba
             fmnist.main(["train", "--recipe", "best", *argv, "--out", str(tmp_path / "never")])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_predict_with_an_ensembles_directory_asks_the_ensemble(ensemble_run, test_set):
+    """`predict ENSEMBLE_DIR` answers with the mean of the members' predicted distributions,
+    as `evaluate ENSEMBLE_DIR` scores it."""
+    out, _ = ensemble_run
+    members = [load_checkpoint(out / name / "best.npz") for name in fmnist.ENSEMBLES["best"]]
+    images, _ = test_set
+    config = members[0][1]
+    probs = fmnist.class_probabilities([p for p, _, _ in members], images[[4]], config.dtype,
+                                       config.flip_average)[0]
+    (result,) = predict_json(out, "--test-index", 4)
+    order = np.argsort(-probs)[:3]
+    assert [t["label"] for t in result["top"]] == order.tolist()
+    np.testing.assert_allclose([t["probability"] for t in result["top"]], probs[order], rtol=1e-6)
+    alone = fmnist.class_probabilities(members[0][0], images[[4]], config.dtype, config.flip_average)[0]
+    assert not np.allclose(alone, probs)          # the ensemble is not just its first member
+
+
+def test_cli_report_of_an_ensembles_directory_rewrites_each_members_report(ensemble_run, tmp_path):
+    out, _ = ensemble_run
+    copy = shutil.copytree(out, tmp_path / "ens")
+    for name in fmnist.ENSEMBLES["best"]:
+        (copy / name / "report.md").unlink()
+    proc = run_cli("report", copy)
+    assert proc.returncode == 0, proc.stderr
+    for name in fmnist.ENSEMBLES["best"]:
+        assert (copy / name / "report.md").read_text() == (out / name / "report.md").read_text()
 
 
 def test_cli_ensemble_with_force_trains_every_member_anew(tmp_path):
@@ -3127,6 +3225,25 @@ def test_predict_a_test_image_saved_as_png_both_ways_round(run_dir, test_set, co
         assert [r["input"] for r in results] == [str(f) for f in files]
 
 
+def test_predict_refuses_a_picture_with_no_object_instead_of_guessing(run_dir, tmp_path):
+    """A blank picture, or a dark object on a transparent background read as a light object on
+    black, holds nothing lighter than its border: one line saying so and suggesting --invert,
+    not a confident class for an empty square. With --invert, the object is found."""
+    from PIL import Image
+    blank, dark_on_clear = tmp_path / "blank.png", tmp_path / "dark.png"
+    Image.new("L", (60, 40), 0).save(blank)
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[5:35, 20:40] = (0, 0, 0, 255)                        # a black block, the rest transparent
+    Image.fromarray(rgba).save(dark_on_clear)
+    for path in (blank, dark_on_clear):
+        line = one_line_error(run_cli("predict", run_dir / "best.npz", path))
+        assert str(path) in line and "no object found" in line and "--invert" in line, line
+    proc = run_cli("predict", run_dir / "best.npz", "--invert", dark_on_clear)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{dark_on_clear}: "), proc.stderr
+    with pytest.raises(ValueError, match="no object found"):
+        fmnist.to_fashion_mnist(np.full((28, 28), 9, np.uint8))
+
+
 def test_a_16_bit_grey_png_reads_as_its_8_bit_twin(test_set, tmp_path):
     """A 16-bit greyscale PNG (values 0-65535) is the same picture as its 8-bit version: Pillow
     would clip every value above 255 when converting it, washing the image out to white."""
@@ -3222,8 +3339,8 @@ def test_predict_without_pillow_says_what_to_install(run_dir, tmp_path):
 
 
 def test_predict_needs_an_image_or_a_test_index(run_dir):
-    assert "--test-index" in one_line_error(run_cli("predict", run_dir / "best.npz"))
-    assert "0..9999" in one_line_error(run_cli("predict", run_dir / "best.npz", "--test-index", 10_000))
+    proc = run_cli("predict", run_dir / "best.npz")
+    assert proc.returncode == 2 and "--test-index" in one_line_error(proc)
 
 
 # ================================================================================================
@@ -3319,6 +3436,20 @@ def test_download_of_a_truncated_file_leaves_nothing_the_loader_accepts(serve, t
         load_fashion_mnist(target)
 
 
+def test_download_from_a_mirror_with_nothing_leaves_no_empty_folder(serve, tmp_path):
+    """A mirror that has none of the files (here an empty folder served on 127.0.0.1) is one
+    error naming the URL, and the --data-dir the download created is gone again: no empty
+    folder that looks like a data directory."""
+    empty = tmp_path / "served"
+    empty.mkdir()
+    url, _ = serve(empty)
+    target = tmp_path / "new" / "data"
+    line = one_line_error(run_cli("download", "--data-dir", target, "--mirror", url,
+                                  "--no-torchvision", timeout=120), stdout=None)
+    assert url in line, line
+    assert not target.exists()
+
+
 def test_download_replaces_a_damaged_file_in_place(serve, tmp_path, raw):
     """A damaged uncompressed file would shadow a new .gz beside it, so it is replaced where it
     is, with the verified decompressed bytes."""
@@ -3360,7 +3491,7 @@ def test_download_with_torchvision_puts_verified_files_in_its_layout(monkeypatch
         if corrupt:
             with pytest.raises(DataError):
                 fmnist.download_fashion_mnist(target, use_torchvision=True, log=lambda _: None)
-            assert list(target.iterdir()) == []
+            assert not target.exists()                      # not even the folder it made
         else:
             fmnist.download_fashion_mnist(target, use_torchvision=True, log=lambda _: None)
             assert sorted(p.name for p in (target / "FashionMNIST" / "raw").iterdir()) == sorted(DATA_FILES)
