@@ -139,6 +139,11 @@ def check_config(c: Config) -> None:
         (c.batch_size >= 2 or not c.batch_norm,
          f"batch norm needs batches of at least 2 images (their mean and spread), "
          f"got batch size {c.batch_size}"),
+        (not c.batch_norm or c.batch_size < 2 or (c.limit or TRAIN_IMAGES - c.val_size)
+         % c.batch_size != 1,
+         f"batch norm needs batches of at least 2 images, but {c.limit or TRAIN_IMAGES - c.val_size:,} "
+         f"training images in batches of {c.batch_size} leave 1 for the last; change "
+         f"--batch-size or --limit"),
         (c.seed >= 0, f"seed must be >= 0, got {c.seed}"),
         (c.split_seed >= 0, f"split seed must be >= 0, got {c.split_seed}"),
         (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
@@ -444,8 +449,7 @@ def download_fashion_mnist(data_dir: str | Path = "data", mirror: str = MIRROR,
     if not targets:
         log(f"{data_dir}: the four Fashion-MNIST files are present and valid")
         return data_dir
-    created = not data_dir.exists()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    made = _make_dir(data_dir, "--data-dir")     # the folders this call created, outermost first
     if use_torchvision is None:
         import importlib.util
         use_torchvision = importlib.util.find_spec("torchvision") is not None
@@ -457,11 +461,24 @@ def download_fashion_mnist(data_dir: str | Path = "data", mirror: str = MIRROR,
             for name, target in targets.items():
                 _download_from_mirror(name, target or data_dir / f"{name}.gz", mirror, log)
     except BaseException:
-        if created and not any(data_dir.iterdir()):   # leave no empty folder behind a failure
-            data_dir.rmdir()
+        for folder in reversed(made):             # leave no empty folder behind a failure
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     load_fashion_mnist(data_dir)                  # the loader's own verdict, on all four
     return data_dir
+
+
+def _make_dir(path: Path, flag: str) -> list[Path]:
+    """mkdir -p, with one clear line if it cannot be done; returns the folders it created,
+    outermost first."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()][::-1]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FmnistError(f"{path}: cannot create the directory ({e.strerror}); "
+                          f"choose another {flag}") from None
+    return missing
 
 
 def _existing_data_file(data_dir: Path, name: str) -> tuple[Path | None, bool]:
@@ -1561,6 +1578,8 @@ def class_probabilities(params: Mapping | Sequence[Mapping], images: np.ndarray,
     `params` may also be a list of networks, an ensemble (see ensemble_logits)."""
     x = normalise(images, dtype)
     members = [params] if isinstance(params, Mapping) else list(params)
+    if not members:
+        raise ValueError("an ensemble needs at least one network")
     logits = (predict_logits(members[0], x, flip_average=flip_average) if len(members) == 1
               else ensemble_logits(members, x, flip_average))
     return softmax(logits.astype(np.float64))
@@ -2203,7 +2222,7 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
                                      f"(limit {MAX_IMAGE_PIXELS:,} pixels); shrink it first")
                 img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))   # JPEG: decode at 1/2..1/8 scale
                 img = ImageOps.exif_transpose(img)                  # phone photos: upright
-                if img.mode.startswith("I"):         # 16-bit grey: convert would clip at 255
+                if _sixteen_bit(img):                 # convert would clip it at 255
                     img = Image.fromarray(np.rint(np.asarray(img) / 257.0).clip(0, 255)
                                           .astype(np.uint8))
                 img = img.convert("RGBA")
@@ -2217,6 +2236,12 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
     background = Image.new("RGBA", img.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
     gray = np.asarray(Image.alpha_composite(background, img).convert("L"))   # (H, W) uint8
     return 255 - gray if invert else gray
+
+
+def _sixteen_bit(img: Any) -> bool:
+    """A 16-bit grey image (a 16-bit PNG: Pillow's I;16 modes, or mode I holding values above
+    255); an I image of 8-bit values (some TIFFs) reads as it is."""
+    return img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255)
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
@@ -2334,7 +2359,7 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
         todo = {name: c for name, c in members.items()
                 if not (out / name / "metrics.json").exists()}
     else:                                            # a new run (or --force): every member anew
-        out.mkdir(parents=True, exist_ok=True)
+        _make_dir(out, "--out")
         (out / "metrics.json").unlink(missing_ok=True)
         write_json(out / "ensemble.json", {"recipe": args.recipe, "members": {
             name: c.to_json() for name, c in members.items()}})
@@ -2516,6 +2541,9 @@ def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
     if (out / "metrics.json").exists():
         raise CheckpointError(f"{out}: this {what} has already finished; nothing to resume")
     marker = "ensemble.json" if what == "ensemble" else "state.npz"
+    if not (out / marker).exists() and (out / "config.json").exists():
+        raise CheckpointError(f"{out}: stopped before its first epoch was saved, so there is "
+                              f"nothing to resume; start it again with --out {out} --force")
     if not (out / marker).exists():
         raise CheckpointError(f"{out}: no {marker}, so no {what} to resume here; --resume takes "
                               f"the directory a `train` run wrote")
@@ -2535,11 +2563,7 @@ def _new_run_dir(args: argparse.Namespace) -> Path:
 
 def _start_run_dir(out: Path, config: Config) -> None:
     """Create the run directory, clear what an earlier run (--force) left there, save the config."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot create the run directory ({e.strerror}); "
-                              f"choose another --out") from None
+    _make_dir(out, "--out")
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     write_json(out / "config.json", config.to_json())
@@ -2595,19 +2619,23 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: str | Path
     return full_evaluation(models, splits, config.flip_average), loaded   # one model: no ensemble
 
 
-def load_members(paths: Sequence[Path]) -> list[tuple[Params, Config, dict]]:
+SPLIT_FIELDS = ("split_seed", "val_size", "limit")
+
+
+def load_members(paths: Sequence[Path], shared: Sequence[str] = (*SPLIT_FIELDS, "dtype",
+                                                                    "flip_average")
+                 ) -> list[tuple[Params, Config, dict]]:
     """load_checkpoint of each path, refusing members that would not make an ensemble: they
-    must share the split, dtype and flip averaging."""
+    must share the split (to be evaluated on it), dtype and flip averaging."""
     loaded = [load_checkpoint(path) for path in paths]
     config = loaded[0][1]
-    shared = ("split_seed", "val_size", "limit", "dtype", "flip_average")
     for path, (_, other, _) in zip(paths[1:], loaded[1:]):
         differ = [k for k in shared if getattr(other, k) != getattr(config, k)]
         if differ:
             raise CheckpointError(f"{path}: its {', '.join(differ)} "
                                   f"{'differ' if len(differ) > 1 else 'differs'} from "
-                                  f"{paths[0]}'s; an ensemble's members must share their "
-                                  f"split (split_seed, val_size, limit), dtype and flip averaging")
+                                  f"{paths[0]}'s; the members of an ensemble must agree on "
+                                  f"{', '.join(shared)}")
     return loaded
 
 
@@ -2623,11 +2651,18 @@ def _checkpoints_in(path: Path) -> list[Path]:
         return [path]
     if (path / "best.npz").exists():
         return [path / "best.npz"]
-    try:
-        members = json.loads((path / "ensemble.json").read_text())["members"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not (path / "ensemble.json").exists():
         raise CheckpointError(f"{path}: a directory with neither best.npz nor ensemble.json; "
-                              f"pass a checkpoint or the directory of a `train` run") from None
+                              f"pass a checkpoint or the directory of a `train` run")
+    try:
+        members = list(json.loads((path / "ensemble.json").read_text())["members"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/ensemble.json: unreadable ({e})") from None
+    unfinished = [name for name in members if not (path / name / "metrics.json").exists()]
+    if unfinished:
+        raise CheckpointError(f"{path}: the ensemble has not finished ({', '.join(unfinished)} "
+                              f"still training); continue it with `python fmnist.py train "
+                              f"--resume {path}`")
     return [path / name / "best.npz" for name in members]
 
 
@@ -2639,6 +2674,8 @@ def run_report(args: argparse.Namespace) -> int:
                               f"; report takes the directory a `train` run wrote")
     runs = [path.parent for path in _checkpoints_in(args.run_dir)
             ] if (args.run_dir / "ensemble.json").exists() else [args.run_dir]
+    for run in runs:                                  # every member finished before any is written
+        read_run(run)
     paths = [p for run in runs for p in write_run_artifacts(run, args.data_dir)]
     print("\n".join(f"wrote {p}" for p in paths))
     return 0
@@ -2646,7 +2683,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Top-3 classes for each image file and each --test-index, as text lines or one JSON object."""
-    loaded = load_members(_checkpoints_in(args.checkpoint))    # one network, or an ensemble
+    loaded = load_members(_checkpoints_in(args.checkpoint),    # one network, or an ensemble
+                          shared=("dtype", "flip_average"))      # (no split: nothing is scored)
     models, config = [params for params, _, _ in loaded], loaded[0][1]
     inputs, images = [], []                                     # images: (28, 28) uint8 each
     for path in args.images:
@@ -2765,7 +2803,8 @@ def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the
 
 def default_data_dir() -> Path:
     """./data when it exists (a checkout, or a folder of your own), else the data/ folder that
-    ships beside fmnist.py: so `fmnist train` works from any directory."""
+    ships beside fmnist.py: so a checkout's (or an editable install's) commands work from any
+    directory. A plain `pip install` copies fmnist.py only, without data/."""
     here, beside = Path("data"), Path(__file__).resolve().parent / "data"
     return here if here.is_dir() or not beside.is_dir() else beside
 

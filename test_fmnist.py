@@ -1494,6 +1494,7 @@ def test_cli_refuses_to_overwrite_a_finished_run(trained_run, tmp_path):
     (["--lr", "-1"], "learning rate"), (["--dropout", "1"], "dropout"), (["--hidden", "0"], "hidden"),
     (["--seed", "-1"], "seed"), (["--split-seed", "-1"], "seed"),
     (["--batch-norm", "--batch-size", "1"], "batch norm needs batches of at least 2"),
+    (["--batch-norm", "--limit", "129"], "129 training images in batches of 128 leave 1"),
     (["--jobs", "2"], "--jobs applies to an ensemble recipe only"),
     (["--flip-average"], "add --flip"),
 ])
@@ -1539,7 +1540,7 @@ def test_cli_paths_of_the_wrong_kind_get_one_line_saying_what_was_expected(run_d
         (["evaluate", empty], empty, "neither best.npz nor ensemble.json"),
         (["download", "--data-dir", a_file], a_file, "exists and is not a directory"),
         (["train", "--limit", 100, "--epochs", 1, "--out", a_file / "run"], a_file / "run",
-         "cannot create the run directory"),
+         "cannot create the directory"),
     ]
     for argv, path, words in cases:
         line = one_line_error(run_cli(*argv), stdout=None)
@@ -1558,6 +1559,30 @@ def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path
     (tmp_path / "data").mkdir()
     line = one_line_error(evaluate_from(tmp_path), stdout=None)
     assert "data/train-images-idx3-ubyte[.gz]: file not found" in line, line
+
+
+def test_cli_run_and_ensemble_directories_that_are_not_ready_say_what_to_do(ensemble_run, tmp_path):
+    """A run stopped before its first epoch (config.json only) has nothing to resume: say to
+    start it again with --force. An ensemble whose member has not finished is not evaluated,
+    asked or reported on: say which member and how to continue. A damaged ensemble.json is
+    called that, not a missing one."""
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text(json.dumps(Config().to_json()))
+    line = one_line_error(run_cli("train", "--resume", early), stdout=None)
+    assert "stopped before its first epoch" in line and "--force" in line, line
+    out, _ = ensemble_run
+    unfinished = shutil.copytree(out, tmp_path / "ens")
+    (unfinished / "best-shift" / "metrics.json").unlink()
+    written = (unfinished / "best-bn" / "report.md").stat().st_mtime_ns
+    for argv in (["evaluate", unfinished], ["predict", unfinished, "--test-index", 1],
+                 ["report", unfinished]):
+        line = one_line_error(run_cli(*argv), stdout=None)
+        assert "has not finished (best-shift still training)" in line and "--resume" in line, line
+    assert (unfinished / "best-bn" / "report.md").stat().st_mtime_ns == written   # not rewritten
+    (unfinished / "ensemble.json").write_text("{ not json")
+    line = one_line_error(run_cli("evaluate", unfinished), stdout=None)
+    assert "ensemble.json: unreadable" in line, line
 
 
 def test_cli_evaluate_and_predict_take_a_run_directory_for_its_best_checkpoint(run_dir):
@@ -3255,6 +3280,10 @@ def test_a_16_bit_grey_png_reads_as_its_8_bit_twin(test_set, tmp_path):
         assert Image.open(tmp_path / f"{i}-16.png").mode.startswith("I")
         eight, sixteen = (fmnist.read_image(tmp_path / f"{i}-{bits}.png") for bits in (8, 16))
         assert np.array_equal(sixteen, eight) and np.array_equal(eight, images[i])
+    # a 32-bit integer image of 8-bit values (mode I, as some TIFFs are) is not rescaled
+    Image.fromarray(images[0].astype(np.int32)).save(tmp_path / "0-32.tif")
+    assert Image.open(tmp_path / "0-32.tif").mode == "I"
+    assert np.array_equal(fmnist.read_image(tmp_path / "0-32.tif"), images[0])
 
 
 def test_predict_a_large_colour_jpeg_off_centre(run_dir, test_set, confident, tmp_path):
@@ -3447,7 +3476,7 @@ def test_download_from_a_mirror_with_nothing_leaves_no_empty_folder(serve, tmp_p
     line = one_line_error(run_cli("download", "--data-dir", target, "--mirror", url,
                                   "--no-torchvision", timeout=120), stdout=None)
     assert url in line, line
-    assert not target.exists()
+    assert not (tmp_path / "new").exists()               # nor the folders made on the way
 
 
 def test_download_replaces_a_damaged_file_in_place(serve, tmp_path, raw):

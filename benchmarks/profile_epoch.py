@@ -149,11 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4,
                    help="epochs to train (default 4); epoch 1 is warm-up and is not counted")
     p.add_argument("--rate", type=int, default=250, help="samples per second (default 250)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help="folder with the IDX files (default data)")
+    p.add_argument("--data-dir", type=Path, default=fmnist.default_data_dir(),
+                   help="folder with the IDX files (default: ./data if it exists, else the "
+                        "data/ folder beside fmnist.py)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)   # internal: run the epochs, write seconds
     args = p.parse_args(argv)
+    args.data_dir = args.data_dir.resolve()          # the profiled child runs it too
     if args.epochs < 2:
         p.error("--epochs must be at least 2: epoch 1 is warm-up and is not counted")
     if not 1 <= args.rate <= 10_000:
@@ -187,10 +189,15 @@ def main(argv=None) -> int:
                    "--data-dir", str(args.data_dir)]
         done = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0 or not times.exists() or not raw.exists():
-            last = done.stderr.strip().splitlines()[-1:] or ["no message"]
-            return error(f"the profiled run failed (exit {done.returncode}): {last[0]}", 1)
+            # py-spy's own exit code is 0 even when the program it ran failed: show the last
+            # line of the program's error instead
+            last = [line for line in done.stderr.splitlines()
+                    if line.strip() and not line.startswith("py-spy>")][-1:] or ["no message"]
+            return error(f"the profiled run failed: {last[0].strip()}", 1)
         seconds = json.loads(times.read_text())
         counts = tally(raw.read_text(), Path(fmnist.__file__).read_text().splitlines())
+    if not counts:
+        return error("py-spy took no samples inside the profiled epochs; try a higher --rate", 1)
     epoch = statistics.median(seconds)
     print(f"\n{sum(counts.values())} samples at {args.rate} per second in epochs "
           f"2-{args.epochs}\n")
