@@ -1770,8 +1770,14 @@ def configs(draw) -> Config:
     if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
         changes["flip_average"] = False
     if changes.get("batch_norm", base.batch_norm):   # batch norm excludes a running average
-        changes["average"] = 0.0                     # and needs batches of two or more
-        changes["batch_size"] = max(2, changes.get("batch_size", base.batch_size))
+        changes["average"] = 0.0                     # and needs batches of two or more,
+        size = max(2, changes.get("batch_size", base.batch_size))      # the last one too
+        if changes.get("limit", base.limit) == 1:
+            changes["limit"] = 2
+        images = changes.get("limit", base.limit) or fmnist.TRAIN_IMAGES - base.val_size
+        while images % size == 1:
+            size += 1
+        changes["batch_size"] = size
     return dataclasses.replace(base, **changes)
 
 
