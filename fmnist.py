@@ -498,6 +498,9 @@ def _download_from_mirror(name: str, target: Path, mirror: str, log: Any) -> Non
     """Fetch `name`.gz, check the decompressed bytes' size and SHA-256, then write `target`
     atomically: the .gz as fetched, or the decompressed bytes if `target` is an uncompressed file."""
     url = mirror.rstrip("/") + f"/{name}.gz"
+    if target.is_dir():
+        raise DataError(f"{target}: a directory stands where the downloaded file belongs; "
+                        f"move it away and download again")
     compressed = _fetch(url)
     payload = _gunzip_verified(compressed, name, url)
     data = compressed if target.suffix == ".gz" else payload

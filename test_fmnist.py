@@ -3485,6 +3485,16 @@ def test_download_from_a_mirror_with_nothing_leaves_no_empty_folder(serve, tmp_p
     assert not (tmp_path / "new").exists()               # nor the folders made on the way
 
 
+def test_download_refuses_to_write_over_a_directory_of_the_files_name(serve, tmp_path):
+    url, requests = serve(DATA)
+    target = tmp_path / "data"
+    (target / "train-images-idx3-ubyte.gz").mkdir(parents=True)
+    line = one_line_error(run_cli("download", "--data-dir", target, "--mirror", url,
+                                  "--no-torchvision", timeout=120), stdout=None)
+    assert f"{target / 'train-images-idx3-ubyte.gz'}: a directory stands where" in line, line
+    assert requests == [] and "Errno" not in line
+
+
 def test_download_replaces_a_damaged_file_in_place(serve, tmp_path, raw):
     """A damaged uncompressed file would shadow a new .gz beside it, so it is replaced where it
     is, with the verified decompressed bytes."""
