@@ -108,7 +108,7 @@ class Config:
     batch_norm: bool = False                   # normalise each hidden pre-activation over the batch
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "hidden", tuple(int(h) if _is_int(h) else h for h in self.hidden))
         check_config(self)
 
     @property
@@ -124,8 +124,33 @@ class Config:
         return cls(**{k: (tuple(v) if k == "hidden" else v) for k, v in d.items() if k in known})
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_)))
+
+
+_KINDS = {   # a Config field's annotation -> (check, what it must be)
+    "int": (_is_int, "a whole number"),
+    "int | None": (lambda v: v is None or _is_int(v), "a whole number or none"),
+    "float": (_is_real, "a number"),
+    "bool": (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(_is_int(h) for h in v),
+                        "a list of whole numbers"),
+}
+
+
 def check_config(c: Config) -> None:
-    """Raise ValueError, with one sentence a user can act on, for a hyperparameter out of range."""
+    """Raise ValueError, with one sentence a user can act on, for a hyperparameter of the wrong
+    kind (a file's "hidden": [8.9] or "batch_norm": "false") or out of range."""
+    for field in dataclasses.fields(c):
+        ok, kind = _KINDS[field.type]
+        if not ok(getattr(c, field.name)):
+            raise ValueError(f"{field.name} must be {kind}, got {getattr(c, field.name)!r}")
     checks = [
         (len(c.hidden) > 0 and all(h >= 1 for h in c.hidden),
          f"hidden sizes must be one or more positive integers, got {list(c.hidden)}"),
@@ -233,7 +258,8 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    text = json.dumps(obj, indent=2, allow_nan=False)  # NaN is not JSON: fail, never write it
+    atomic_write(path, lambda f: f.write((text + "\n").encode()))
 
 
 # ================================================================================================
@@ -1461,6 +1487,10 @@ def fit(splits: Splits, config: Config = Config(), state: TrainState | None = No
         if config.batch_norm:                             # predict with fixed statistics
             model = fold_batch_norm(params, splits.x_train[:BN_STATISTICS_IMAGES])
         val = evaluate(model, splits.x_val, splits.y_val, flip_average=config.flip_average)
+        if not math.isfinite(val.loss):                   # finite weights, infinite logits
+            raise DivergedError(f"training diverged: the validation loss is {val.loss} after "
+                                f"epoch {epoch}; try a smaller learning rate (--lr, now "
+                                f"{config.lr})")
         best = early_stopping_update(state.best, epoch, val.correct)
         best_params = model if best.epoch == epoch else state.best_params
         state = TrainState(params, opt_state, epoch, best, best_params, model)
@@ -1692,8 +1722,12 @@ def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+MAX_META_BYTES = 16 * 2**20   # a run's JSON metadata (config, history) is kilobytes
+
+
 def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and the JSON metadata of an .npz we wrote; never unpickles anything."""
+    """The arrays and the JSON metadata of an .npz we wrote; never unpickles anything, and
+    reads the metadata first, so no array larger than its config allows is ever decompressed."""
     try:
         with open(path, "rb") as f:
             signature = f.read(4)
@@ -1701,7 +1735,13 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
             what = "empty file" if not signature else "no zip signature"
             raise CheckpointError(f"{path}: not a readable .npz file ({what})")
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in npz.zip.infolist()}
+            if sizes.get("meta", 0) > MAX_META_BYTES:
+                raise CheckpointError(f"{path}: refused: its metadata takes {sizes['meta']:,} "
+                                      f"bytes (at most {MAX_META_BYTES:,})")
+            meta = _parse_meta(path, npz["meta"] if "meta" in sizes else None, expected_format)
+            _check_sizes(path, {k: n for k, n in sizes.items() if k != "meta"}, meta["config"])
+            arrays = {k: npz[k] for k in npz.files if k != "meta"}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -1715,8 +1755,15 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
         raise
     except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return arrays, meta
+
+
+def _parse_meta(path: Path, raw: np.ndarray | None, expected_format: str) -> dict:
+    """The JSON metadata of an .npz, its format checked and its config a Config."""
     try:
-        meta = json.loads(str(arrays.pop("meta")[()]))
+        if raw is None:
+            raise KeyError("meta")
+        meta = json.loads(str(raw[()]))
         found = meta.get("format")
         if found in RETIRED_FORMATS:
             raise CheckpointError(f"{path}: written by an earlier fmnist ({found}: "
@@ -1725,10 +1772,20 @@ def _read_npz(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], 
         if found != expected_format:
             raise ValueError(f"format {found!r}, expected {expected_format!r}")
         meta["config"] = Config.from_json(meta["config"])
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not an fmnist file of this kind (bad or missing "
                               f"metadata: {e})") from None
-    return arrays, meta
+    return meta
+
+
+def _check_sizes(path: Path, sizes: Mapping[str, int], config: Config) -> None:
+    """Refuse arrays that the config cannot account for, by the sizes the zip declares, before
+    any is decompressed: at most five vectors of every parameter in float64 (a training state
+    holds five), so a small hostile file cannot unpack into gigabytes."""
+    largest = 8 * num_parameters(param_shapes(config.layer_sizes, batch_norm=True)) + 4096
+    if sum(sizes.values()) > len(STATE_ARRAYS + ("model",)) * largest:
+        raise CheckpointError(f"{path}: refused: its arrays take {sum(sizes.values()):,} bytes, "
+                              f"more than a {_dashed(config.layer_sizes)} network's parameters")
 
 
 def _check_array(path: Path, name: str, a: np.ndarray, shape: tuple, config: Config) -> None:
@@ -1797,7 +1854,13 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     params, m, v, best_params, *average = (Params(arrays[k].copy(), shapes[k]) for k in names)
     try:
         best, step, epoch, history = Best(*meta["best"]), meta["step"], meta["epoch"], meta["history"]
-    except (KeyError, TypeError) as e:
+        if not (all(_is_int(n) for n in (*best, step, epoch)) and 0 <= best.epoch <= epoch
+                and 0 <= step and -1 <= best.correct <= config.val_size and best.waited >= 0
+                and isinstance(history, list) and len(history) == epoch):
+            raise ValueError(f"step {step!r}, epoch {epoch!r}, best {list(best)!r} and "
+                             f"{len(history) if isinstance(history, list) else 'no'} history "
+                             f"records do not fit together")
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: incomplete training state ({e})") from None
     model = average[0] if average else params
     return TrainState(params, AdamState(step, m, v), epoch, best, best_params, model), config, history
@@ -2331,6 +2394,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
         best = out / "best.npz"
         kept = f"; the best checkpoint so far is intact at {best}" if best.exists() else ""
         raise DivergedError(f"{e}{kept}") from None
+    write_json(out / "history.json", history)     # again: a resume may have trained no epoch
     stopped_early = state.epoch < config.epochs
     metrics = full_evaluation(state.best_params, splits, config.flip_average) | {
         "best_epoch": state.best.epoch, "epochs_run": state.epoch, "stopped_early": stopped_early,
@@ -2363,7 +2427,8 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
                 if not (out / name / "metrics.json").exists()}
     else:                                            # a new run (or --force): every member anew
         _make_dir(out, "--out")
-        (out / "metrics.json").unlink(missing_ok=True)
+        for name in RUN_FILES:                       # metrics.json, and a run's files (--force)
+            (out / name).unlink(missing_ok=True)
         write_json(out / "ensemble.json", {"recipe": args.recipe, "members": {
             name: c.to_json() for name, c in members.items()}})
         todo = dict(members)
@@ -2402,14 +2467,32 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
         out = _resumable_dir(args, "ensemble")
         try:
             stored = json.loads((out / "ensemble.json").read_text())["members"]
-            return out, {name: Config.from_json(c) for name, c in stored.items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            members = {name: Config.from_json(c) for name, c in stored.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{out}/ensemble.json: unreadable ({e})") from None
+        for name, config in members.items():       # a member's folder must hold that member
+            if (out / name / "config.json").exists() and _stored_config(out / name) != config:
+                raise CheckpointError(f"{out / name}: holds a run with other settings than "
+                                      f"ensemble.json's {name}; move it away, or start the "
+                                      f"ensemble again with --force")
+        return out, members
     out = _new_run_dir(args)
     if (out / "ensemble.json").exists() and not args.force:
         raise CheckpointError(f"{out}: already holds an ensemble; choose another --out, resume "
                               f"it with --resume, or pass --force to overwrite it")
+    for name in members:                            # checked before anything is written
+        if not args.force and any((out / name / f).exists() for f in RUN_FILES):
+            raise CheckpointError(f"{out / name}: already holds a run; choose another --out, "
+                                  f"or pass --force to overwrite it")
     return out, dict(members)
+
+
+def _stored_config(run_dir: Path) -> Config:
+    """The Config in a run directory's config.json, or one clear error."""
+    try:
+        return Config.from_json(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'}: unreadable ({e})") from None
 
 
 def _train_members(args: argparse.Namespace, out: Path, todo: Mapping[str, Config],
@@ -2567,7 +2650,7 @@ def _new_run_dir(args: argparse.Namespace) -> Path:
 def _start_run_dir(out: Path, config: Config) -> None:
     """Create the run directory, clear what an earlier run (--force) left there, save the config."""
     _make_dir(out, "--out")
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, "ensemble.json"):       # --force over an ensemble: a run now
         (out / name).unlink(missing_ok=True)
     write_json(out / "config.json", config.to_json())
 
@@ -2652,7 +2735,7 @@ def _checkpoints_in(path: Path) -> list[Path]:
     ensemble run its members' best.npz."""
     if not path.is_dir():
         return [path]
-    if (path / "best.npz").exists():
+    if (path / "best.npz").exists() and not (path / "ensemble.json").exists():
         return [path / "best.npz"]
     if not (path / "ensemble.json").exists():
         raise CheckpointError(f"{path}: a directory with neither best.npz nor ensemble.json; "

@@ -3604,6 +3604,109 @@ def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
     assert (out / "best.npz").read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+    ({"batch_size": 64.0}, "batch_size must be a whole number"),
+    ({"hidden": (8.9,)}, "hidden must be a list of whole numbers"),
+    ({"batch_norm": "false"}, "batch_norm must be true or false, got 'false'"),
+    ({"lr": "1e-3"}, "lr must be a number"),
+    ({"limit": 1.5}, "limit must be a whole number or none"),
+])
+def test_config_refuses_a_value_of_the_wrong_kind_instead_of_rounding_or_reading_it_as_true(
+        changes, words):
+    """A config read back from a file (or built in Python) with 2.5 epochs, a width of 8.9 or
+    the string "false" for a switch is refused by name: silently training 3 epochs, a width of
+    8, or with batch norm on would be worse than an error."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Config(**changes)
+
+
+def test_a_checkpoint_whose_arrays_would_unpack_far_beyond_its_network_is_refused_unread(tmp_path):
+    """The sizes the zip declares are checked against what the stored config can hold before
+    anything is decompressed: a 60 KB file that would unpack into 50 MB of zeros beside a
+    784-8-10 network (6,370 parameters) is refused, never loaded."""
+    params = init_params((784, 8, 10), 0)
+    good = tmp_path / "good.npz"
+    fmnist.save_checkpoint(good, params, Config(hidden=(8,)))
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, **arrays, extra=np.zeros(50 * 2**20, np.uint8))
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="refused: its arrays take 52,4"):
+        load_checkpoint(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20, peak
+
+
+def test_a_training_state_with_counters_that_do_not_fit_together_is_refused(tmp_path):
+    """step, epoch, best and history come back only if they make sense together: a best epoch
+    with more correct answers than validation images, a negative step or a history shorter than
+    the epochs would each corrupt the resumed run quietly."""
+    config = Config(hidden=(8,), limit=100, epochs=2)
+    splits = make_splits(load_fashion_mnist(DATA), config)
+    state, record = next(iter(fit(splits, config)))
+    good = tmp_path / "state.npz"
+    fmnist.save_state(good, state, config, [record])
+    fmnist.load_state(good)
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    for key, value in (("best", [1, 1_000_000, 0]), ("step", -1), ("step", "7"), ("history", [])):
+        bad = tmp_path / f"bad-{key}.npz"
+        np.savez(bad, **arrays | {"meta": np.array(json.dumps(meta | {key: value}))})
+        with pytest.raises(CheckpointError, match="incomplete training state"):
+            fmnist.load_state(bad)
+
+
+def test_cli_divergence_found_only_by_the_validation_pass_is_an_error_not_a_nan_result(tmp_path):
+    """An absurd learning rate can leave finite but enormous weights after the last step: the
+    training loss never saw a NaN, but the validation loss is NaN. That must end the run with
+    the divergence message, not write NaN figures (which are not even JSON)."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--lr", "1e20", "--hidden", 16,
+                   "--out", out, "--quiet")
+    assert proc.returncode == 1 and "diverged: the validation loss is nan" in proc.stderr
+    assert not (out / "metrics.json").exists()
+
+
+def test_cli_force_turns_an_ensembles_folder_into_a_runs_and_back(tmp_path):
+    """--force over a folder of the other kind leaves nothing of the old kind that a later
+    --resume, evaluate or predict would pick up: a run written over an ensemble removes its
+    ensemble.json, an ensemble written over a run removes the run's best.npz and state."""
+    out = tmp_path / "x"
+    tiny_ensemble = ("--recipe", "best", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet")
+    assert run_cli("train", *tiny_ensemble, "--out", out).returncode == 0
+    proc = run_cli("train", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet", "--out", out,
+                   "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "ensemble.json").exists() and fmnist._checkpoints_in(out) == [out / "best.npz"]
+    proc = run_cli("train", *tiny_ensemble, "--out", out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "best.npz").exists() and not (out / "state.npz").exists()
+    assert fmnist._checkpoints_in(out) == [out / n / "best.npz" for n in fmnist.ENSEMBLES["best"]]
+
+
+def test_cli_ensemble_refuses_a_member_folder_that_holds_another_run(tmp_path):
+    """A folder named like a member but holding some other run is refused before ensemble.json
+    is written, and on --resume when its settings are not the member's: the ensemble would
+    otherwise count a stranger's network as its member."""
+    out = tmp_path / "ens"
+    stranger = ("--limit", 300, "--epochs", 1, "--hidden", 8, "--quiet")
+    assert run_cli("train", *stranger, "--out", out / "best-bn").returncode == 0
+    line = one_line_error(run_cli("train", "--recipe", "best", "--limit", 300, "--epochs", 1,
+                                  "--hidden", 8, "--out", out), stdout=None)
+    assert f"{out / 'best-bn'}: already holds a run" in line, line
+    assert not (out / "ensemble.json").exists()
+    members = {name: fmnist.RECIPES[name] for name in fmnist.ENSEMBLES["best"]}
+    fmnist.write_json(out / "ensemble.json", {"recipe": "best", "members": {
+        name: c.to_json() for name, c in members.items()}})
+    line = one_line_error(run_cli("train", "--resume", out), stdout=None)
+    assert "holds a run with other settings than ensemble.json's best-bn" in line, line
+
+
 def test_adam_refuses_a_state_that_does_not_match_the_parameters():
     """Moments of another network (or dtype) must be refused by name, not broadcast or cast."""
     params = init_params((6, 5, 3), 0)
