@@ -1715,8 +1715,18 @@ def check_params_fit(params: Mapping, expected_sizes: Sequence[int], what: str) 
 
 
 def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -> None:
-    """Parameters as named arrays plus the config as a JSON string: an .npz with no pickles."""
+    """Parameters as named arrays plus the config as a JSON string: an .npz with no pickles.
+    Only what load_checkpoint accepts is written: the plain network of the config (a batch-norm
+    network folded first, see fold_batch_norm), in its dtype, all finite."""
     check_params_fit(params, config.layer_sizes, "save_checkpoint")
+    if set(params) != set(param_shapes(config.layer_sizes)):
+        raise CheckpointError(f"save_checkpoint: parameters {sorted(params)} are not a plain "
+                              f"{_dashed(config.layer_sizes)} network (fold batch norm first)")
+    for name, a in params.items():
+        if np.asarray(a).dtype != np.dtype(config.dtype) or not np.isfinite(a).all():
+            raise CheckpointError(f"save_checkpoint: {name} is {np.asarray(a).dtype}"
+                                  f"{'' if np.isfinite(a).all() else ' with non-finite values'}"
+                                  f"; the config says finite {config.dtype}")
     meta = json.dumps({"format": CHECKPOINT_FORMAT, "config": config.to_json(), **extra})
     arrays = {k: np.asarray(a) for k, a in params.items()} | {"meta": np.array(meta)}
     atomic_write(path, lambda f: np.savez(f, **arrays))

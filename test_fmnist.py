@@ -3641,6 +3641,24 @@ def test_a_checkpoint_whose_arrays_would_unpack_far_beyond_its_network_is_refuse
     assert peak < 10 * 2**20, peak
 
 
+def test_save_checkpoint_writes_only_what_load_checkpoint_accepts(tmp_path):
+    """A checkpoint that cannot be loaded back is worse than an error when saving: an unfolded
+    batch-norm network, parameters of another dtype than the config's, or NaN weights are
+    refused by save_checkpoint itself, and nothing is written."""
+    config = Config(hidden=(8,))
+    params = init_params((784, 8, 10), 0)
+    with_nan = Params.from_arrays({k: np.full_like(a, np.nan) if k == "b1" else a
+                                   for k, a in params.items()})
+    for bad, words in ((init_params((784, 8, 10), 0, "float64"), "W1 is float64"),
+                       (with_nan, "b1 is float32 with non-finite values"),
+                       (init_params((784, 8, 10), 0, batch_norm=True), "fold batch norm first")):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            fmnist.save_checkpoint(tmp_path / "x.npz", bad, config)
+        assert not (tmp_path / "x.npz").exists()
+    fmnist.save_checkpoint(tmp_path / "x.npz", params, config)
+    assert np.array_equal(load_checkpoint(tmp_path / "x.npz")[0].flat, params.flat)
+
+
 def test_a_training_state_with_counters_that_do_not_fit_together_is_refused(tmp_path):
     """step, epoch, best and history come back only if they make sense together: a best epoch
     with more correct answers than validation images, a negative step or a history shorter than
