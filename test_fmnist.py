@@ -3623,7 +3623,7 @@ def test_config_refuses_a_value_of_the_wrong_kind_instead_of_rounding_or_reading
 
 def test_a_checkpoint_whose_arrays_would_unpack_far_beyond_its_network_is_refused_unread(tmp_path):
     """The sizes the zip declares are checked against what the stored config can hold before
-    anything is decompressed: a 60 KB file that would unpack into 50 MB of zeros beside a
+    anything is decompressed: a 76 KB file that would unpack into 50 MB of zeros beside a
     784-8-10 network (6,370 parameters) is refused, never loaded."""
     params = init_params((784, 8, 10), 0)
     good = tmp_path / "good.npz"
