@@ -112,6 +112,11 @@ class Config:
         check_config(self)
 
     @property
+    def train_size(self) -> int:
+        """Training images: the first `limit` of those left after the validation split."""
+        return self.limit or TRAIN_IMAGES - self.val_size
+
+    @property
     def layer_sizes(self) -> tuple[int, ...]:
         return (NUM_INPUTS, *self.hidden, NUM_CLASSES)
 
@@ -164,11 +169,9 @@ def check_config(c: Config) -> None:
         (c.batch_size >= 2 or not c.batch_norm,
          f"batch norm needs batches of at least 2 images (their mean and spread), "
          f"got batch size {c.batch_size}"),
-        (not c.batch_norm or c.batch_size < 2 or (c.limit or TRAIN_IMAGES - c.val_size)
-         % c.batch_size != 1,
-         f"batch norm needs batches of at least 2 images, but {c.limit or TRAIN_IMAGES - c.val_size:,} "
-         f"training images in batches of {c.batch_size} leave 1 for the last; change "
-         f"--batch-size or --limit"),
+        (not c.batch_norm or c.batch_size < 2 or c.train_size % c.batch_size != 1,
+         f"batch norm needs batches of at least 2 images, but {c.train_size:,} training images "
+         f"in batches of {c.batch_size} leave 1 for the last; change --batch-size or --limit"),
         (c.seed >= 0, f"seed must be >= 0, got {c.seed}"),
         (c.split_seed >= 0, f"split seed must be >= 0, got {c.split_seed}"),
         (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
@@ -1609,28 +1612,35 @@ def class_probabilities(params: Mapping | Sequence[Mapping], images: np.ndarray,
                         flip_average: bool = False) -> np.ndarray:
     """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training.
     `params` may also be a list of networks, an ensemble (see ensemble_logits)."""
-    x = normalise(images, dtype)
+    logits = model_logits(_members(params), normalise(images, dtype), flip_average)
+    return softmax(logits.astype(np.float64))
+
+
+def _members(params: Mapping | Sequence[Mapping]) -> list[Mapping]:
+    """One network as a list of one; an ensemble's list as it is, refused if empty."""
     members = [params] if isinstance(params, Mapping) else list(params)
     if not members:
         raise ValueError("an ensemble needs at least one network")
-    logits = (predict_logits(members[0], x, flip_average=flip_average) if len(members) == 1
-              else ensemble_logits(members, x, flip_average))
-    return softmax(logits.astype(np.float64))
+    return members
+
+
+def model_logits(members: Sequence[Mapping], x: np.ndarray, flip_average: bool = False,
+                 chunk: int = EVAL_CHUNK) -> np.ndarray:
+    """predict_logits of one network, or ensemble_logits of several."""
+    return (predict_logits(members[0], x, chunk, flip_average) if len(members) == 1
+            else ensemble_logits(members, x, flip_average, chunk))
 
 
 def evaluate(params: Mapping | Sequence[Mapping], x: np.ndarray, y: np.ndarray,
              chunk: int = EVAL_CHUNK, flip_average: bool = False) -> Evaluation:
     """Evaluate without dropout: the network as it will be used. `params` may also be a list of
     networks, an ensemble (see ensemble_logits)."""
-    members = [params] if isinstance(params, Mapping) else list(params)
-    if not members:
-        raise ValueError("an ensemble needs at least one network")
+    members = _members(params)
     for p in members:
         check_inputs(p, x, y)
     if len(y) == 0:
         raise ValueError("cannot evaluate on zero examples")
-    logits = (predict_logits(members[0], x, chunk, flip_average) if len(members) == 1
-              else ensemble_logits(members, x, flip_average, chunk))
+    logits = model_logits(members, x, flip_average, chunk)
     predictions = _readonly(logits.argmax(axis=1))
     correct = int((predictions == y).sum())
     return Evaluation(cross_entropy(logits, y), correct / len(y), correct, predictions)
@@ -2098,7 +2108,7 @@ def report_markdown(config: Config, history: Sequence[Mapping], metrics: Mapping
     """The run's report, section by section in the order of the seed report (sections 2-5 keep
     its numbers, so the two can be read side by side), every figure taken from this run."""
     m, last = metrics, history[-1]
-    train_size = config.limit or TRAIN_IMAGES - config.val_size
+    train_size = config.train_size
     stopped = (f"Early stopping triggered after epoch {m['epochs_run']}" if m.get("stopped_early")
                else f"Early stopping did not trigger ({m['epochs_run']} epochs run)" if config.patience
                else f"{m['epochs_run']} epochs run")
@@ -2475,11 +2485,7 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
     Each member's own directory is checked by run_train as any run's."""
     if args.resume:
         out = _resumable_dir(args, "ensemble")
-        try:
-            stored = json.loads((out / "ensemble.json").read_text())["members"]
-            members = {name: Config.from_json(c) for name, c in stored.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{out}/ensemble.json: unreadable ({e})") from None
+        members = _ensemble_members(out)
         for name, config in members.items():       # a member's folder must hold that member
             if (out / name / "config.json").exists() and _stored_config(out / name) != config:
                 raise CheckpointError(f"{out / name}: holds a run with other settings than "
@@ -2495,6 +2501,15 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
             raise CheckpointError(f"{out / name}: already holds a run; choose another --out, "
                                   f"or pass --force to overwrite it")
     return out, dict(members)
+
+
+def _ensemble_members(out: Path) -> dict[str, Config]:
+    """The members of the ensemble in `out`, by name, from its ensemble.json."""
+    try:
+        stored = json.loads((out / "ensemble.json").read_text())["members"]
+        return {name: Config.from_json(c) for name, c in stored.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{out}/ensemble.json: unreadable ({e})") from None
 
 
 def _stored_config(run_dir: Path) -> Config:
@@ -2630,23 +2645,29 @@ def _check_run_dir(args: argparse.Namespace, config: Config
 def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
     """--resume's directory, once it is clear there is something to resume and nothing to
     override (a run or an ensemble keeps the settings it started with)."""
-    out = Path(args.resume)
-    if not out.is_dir():
-        raise CheckpointError(f"{out}: {'not found' if not out.exists() else 'not a directory'}"
-                              f"; --resume takes the directory a `train` run wrote")
+    out = _run_dir_argument(Path(args.resume), "--resume")
     if (out / "metrics.json").exists():
         raise CheckpointError(f"{out}: this {what} has already finished; nothing to resume")
-    marker = "ensemble.json" if what == "ensemble" else "state.npz"
-    if not (out / marker).exists() and (out / "config.json").exists():
-        raise CheckpointError(f"{out}: stopped before its first epoch was saved, so there is "
-                              f"nothing to resume; start it again with --out {out} --force")
-    if not (out / marker).exists():
-        raise CheckpointError(f"{out}: no {marker}, so no {what} to resume here; --resume takes "
+    # an ensemble's directory gets here only with its ensemble.json (see main); a run's needs
+    # the state its first finished epoch saved
+    if what == "run" and not (out / "state.npz").exists():
+        if (out / "config.json").exists():
+            raise CheckpointError(f"{out}: stopped before its first epoch was saved, so there "
+                                  f"is nothing to resume; start it again with --out {out} --force")
+        raise CheckpointError(f"{out}: no state.npz, so no run to resume here; --resume takes "
                               f"the directory a `train` run wrote")
     if args.recipe or given_hyperparameters(args):
         raise ValueError("--resume continues a run with its stored settings; "
                          "do not pass a recipe or hyperparameters with it")
     return out
+
+
+def _run_dir_argument(path: Path, flag: str) -> Path:
+    """`path` if it is a directory, else one line saying what `flag` takes."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'not a directory' if path.exists() else 'not found'}; "
+                              f"{flag} takes the directory a `train` run wrote")
+    return path
 
 
 def _new_run_dir(args: argparse.Namespace) -> Path:
@@ -2750,10 +2771,7 @@ def _checkpoints_in(path: Path) -> list[Path]:
     if not (path / "ensemble.json").exists():
         raise CheckpointError(f"{path}: a directory with neither best.npz nor ensemble.json; "
                               f"pass a checkpoint or the directory of a `train` run")
-    try:
-        members = list(json.loads((path / "ensemble.json").read_text())["members"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}/ensemble.json: unreadable ({e})") from None
+    members = _ensemble_members(path)
     unfinished = [name for name in members if not (path / name / "metrics.json").exists()]
     if unfinished:
         raise CheckpointError(f"{path}: the ensemble has not finished ({', '.join(unfinished)} "
@@ -2765,11 +2783,9 @@ def _checkpoints_in(path: Path) -> list[Path]:
 def run_report(args: argparse.Namespace) -> int:
     """Redraw the pictures and rewrite report.md of a finished run (of each member's run, for
     the directory of an ensemble)."""
-    if not args.run_dir.is_dir():
-        raise CheckpointError(f"{args.run_dir}: {'not found' if not args.run_dir.exists() else 'not a directory'}"
-                              f"; report takes the directory a `train` run wrote")
-    runs = [path.parent for path in _checkpoints_in(args.run_dir)
-            ] if (args.run_dir / "ensemble.json").exists() else [args.run_dir]
+    run_dir = _run_dir_argument(args.run_dir, "report")
+    runs = ([path.parent for path in _checkpoints_in(run_dir)]
+            if (run_dir / "ensemble.json").exists() else [run_dir])
     for run in runs:                                  # every member finished before any is written
         read_run(run)
     paths = [p for run in runs for p in write_run_artifacts(run, args.data_dir)]

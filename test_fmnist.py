@@ -3799,7 +3799,8 @@ def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profil
     epoch = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "logits, cache = forward(")
     train = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "adam_update(p, grads")
     gather = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "augment(x[idx]")
-    validate = (f"{profile.PROFILED} (profile_epoch.py:62);" + at("evaluate", "logits = (predict")
+    validate = (f"{profile.PROFILED} (profile_epoch.py:62);" + at("evaluate", "logits = model_logits(")
+                + ";" + at("model_logits", "predict_logits(members[0]")
                 + ";" + at("predict_logits", "_inference(params, x[i"))
     raw = "\n".join([
         epoch + ";" + at("forward", "Z = A @ params") + " 7",
