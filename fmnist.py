@@ -1808,9 +1808,9 @@ def _check_sizes(path: Path, sizes: Mapping[str, int], config: Config) -> None:
                               f"more than a {_dashed(config.layer_sizes)} network's parameters")
 
 
-def _check_array(path: Path, name: str, a: np.ndarray, shape: tuple, config: Config) -> None:
+def _check_array(path: Path | str, name: str, a: np.ndarray, shape: tuple, config: Config) -> None:
     if a.shape != shape:
-        raise CheckpointError(f"{path}: {name} has shape {a.shape}, but the stored config "
+        raise CheckpointError(f"{path}: {name} has shape {a.shape}, but its config "
                               f"(hidden {list(config.hidden)}) needs {shape}")
     if a.dtype != np.dtype(config.dtype):
         raise CheckpointError(f"{path}: {name} has dtype {a.dtype}, config says {config.dtype}")
@@ -1848,29 +1848,38 @@ def state_arrays(config: Config) -> tuple[str, ...]:
 
 def save_state(path: Path, state: TrainState, config: Config, history: list[dict]) -> None:
     """Everything `train --resume` needs, in one file (so it can never be half old, half new):
-    the flat vectors of parameters, Adam's moments and the best parameters, plus JSON metadata."""
-    meta = json.dumps({"format": STATE_FORMAT, "config": config.to_json(),
-                       "step": state.opt_state.step, "epoch": state.epoch,
-                       "best": list(state.best), "history": history})
+    the flat vectors of parameters, Adam's moments and the best parameters, plus JSON metadata.
+    Only what load_state accepts is written (it runs the same checks first): a batch-norm state
+    before its first epoch, say, has no folded network yet and is refused."""
+    meta = {"format": STATE_FORMAT, "config": config.to_json(), "step": state.opt_state.step,
+            "epoch": state.epoch, "best": list(state.best), "history": history}
     flats = {"params": state.params.flat, "m": state.opt_state.m.flat, "v": state.opt_state.v.flat,
              "best_params": state.best_params.flat, "model": state.model.flat}
-    arrays = {name: flats[name] for name in state_arrays(config)} | {"meta": np.array(meta)}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    arrays = {name: flats[name] for name in state_arrays(config)}
+    _state_from(arrays, meta | {"config": config}, "save_state")
+    meta_json = np.array(json.dumps(meta, allow_nan=False))
+    atomic_write(path, lambda f: np.savez(f, **arrays, meta=meta_json))
 
 
 def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
     """Read back what save_state wrote, validated against its config."""
     path = Path(path)
     arrays, meta = _read_npz(path, STATE_FORMAT)
+    return _state_from(arrays, meta, path), meta["config"], meta["history"]
+
+
+def _state_from(arrays: Mapping[str, np.ndarray], meta: Mapping, where: Path | str) -> TrainState:
+    """The TrainState that a state file's arrays and metadata describe, or CheckpointError
+    naming `where` when they do not fit their config or one another."""
     config = meta["config"]
     trained = param_shapes(config.layer_sizes, config.batch_norm)
     plain = param_shapes(config.layer_sizes)
     names = state_arrays(config)
     if set(arrays) != set(names):
-        raise CheckpointError(f"{path}: holds arrays {sorted(arrays)}, expected {list(names)}")
+        raise CheckpointError(f"{where}: holds arrays {sorted(arrays)}, expected {list(names)}")
     shapes = {name: trained if name in TRAINED_ARRAYS else plain for name in names}
     for name in names:
-        _check_array(path, name, arrays[name], (num_parameters(shapes[name]),), config)
+        _check_array(where, name, arrays[name], (num_parameters(shapes[name]),), config)
     params, m, v, best_params, *average = (Params(arrays[k].copy(), shapes[k]) for k in names)
     try:
         best, step, epoch, history = Best(*meta["best"]), meta["step"], meta["epoch"], meta["history"]
@@ -1881,9 +1890,9 @@ def load_state(path: str | Path) -> tuple[TrainState, Config, list[dict]]:
                              f"{len(history) if isinstance(history, list) else 'no'} history "
                              f"records do not fit together")
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: incomplete training state ({e})") from None
+        raise CheckpointError(f"{where}: incomplete training state ({e})") from None
     model = average[0] if average else params
-    return TrainState(params, AdamState(step, m, v), epoch, best, best_params, model), config, history
+    return TrainState(params, AdamState(step, m, v), epoch, best, best_params, model)
 
 
 # ================================================================================================

@@ -3679,6 +3679,30 @@ def test_a_training_state_with_counters_that_do_not_fit_together_is_refused(tmp_
             fmnist.load_state(bad)
 
 
+def test_save_state_writes_only_what_load_state_accepts(raw, tmp_path):
+    """save_state runs load_state's checks before writing, so a state file that exists can be
+    resumed. A batch-norm state before its first epoch has no folded network yet (its model is
+    the unfolded parameters); a state with counters that do not fit together or a NaN in Adam's
+    moments is as unusable. Each is refused with load_state's words and nothing is written; the
+    same state after one epoch is written and read back."""
+    config = Config(hidden=(8,), limit=100, epochs=2, batch_norm=True)
+    fresh = fmnist.initial_state(config)
+    nan_m = fresh.opt_state.m.flat.copy()
+    nan_m[0] = np.nan
+    state, record = next(fit(_tiny_splits(raw, 100, 50), config))
+    nan_state = state._replace(opt_state=state.opt_state._replace(m=Params(nan_m, state.params.shapes)))
+    path = tmp_path / "state.npz"
+    for bad, history, words in ((fresh, [], "save_state: best_params has shape"),
+                                (state, [], "save_state: incomplete training state"),
+                                (nan_state, [record], "save_state: m holds NaN")):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            fmnist.save_state(path, bad, config, history)
+        assert not path.exists()
+    fmnist.save_state(path, state, config, [record])
+    loaded, _, loaded_history = fmnist.load_state(path)
+    assert bits(loaded.model) == bits(state.model) and loaded_history == [record]
+
+
 def test_cli_divergence_found_only_by_the_validation_pass_is_an_error_not_a_nan_result(tmp_path):
     """An absurd learning rate can leave finite but enormous weights after the last step: the
     training loss never saw a NaN, but the validation loss is NaN. That must end the run with
