@@ -6,9 +6,19 @@ accuracy, with per-class precision/recall/F1 and the confusions between classes.
 
 It is meant to be read top to bottom, in the order data flows through it:
 
-    data (and its download) -> augmentation -> parameters -> model (forward) -> loss -> backward (and its
-         gradient check) -> optimizer -> training -> evaluation -> checkpoints -> reporting
-         -> pictures and report.md -> predict -> command line
+    configuration -> files -> data (and its download) -> augmentation -> parameters -> model
+         (forward) -> loss -> backward (and its gradient check) -> optimizer -> training
+         -> evaluation -> checkpoints -> reporting -> pictures and report.md -> predict
+         -> command line
+
+To learn backpropagation, about 600 of its lines are the core; read these in order and skip the
+batch-norm branches at first:
+
+    normalise -> init_params -> dropout_masks -> forward -> cross_entropy -> backward
+         -> gradient_check -> adam_step -> train_epoch -> evaluate
+
+Configuration checks, the download, augmentation, checkpoints, pictures, predict and the command
+line are what make it a tool; they can wait.
 
 The optional parts import their libraries inside the functions that use them (matplotlib for
 the pictures, Pillow for predict, torchvision for download), so the module itself needs NumPy only.
@@ -19,6 +29,8 @@ Conventions, stated once:
   shape (fan_in, fan_out). (The report writes the column form `Z = W A + b`; it is the same
   network, transposed.)
 * `dZ` means dL/dZ, the gradient of the scalar loss with respect to `Z`, with the shape of `Z`.
+* The loss is the *mean* over the batch's B examples (the report writes a sum), hence the 1/B in
+  dL/dZ_L, which then flows into every gradient.
 * Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array` (with batch norm
   also scales `g1, ..., g_{L-1}`). Every stage
   (init_params, forward, backward, adam_step, train_epoch, evaluate, ...) returns new values and
@@ -82,7 +94,8 @@ class Config:
 
     hidden: tuple[int, ...] = (512, 256, 128)  # [3.1] 784 -> 512 -> 256 -> 128 -> 10
     dropout: float = 0.3                       # [3.1] on the hidden layers, training only
-    l2: float = 1e-4                           # [3.3] lambda: (lambda/2) sum ||W||^2, see l2_penalty
+    l2: float = 1e-4                           # [3.3] lambda, but (lambda/2) sum ||W||^2: half the
+                                               # report's term (--l2 2e-4 is its); see l2_penalty
     lr: float = 1e-3                           # [4.1] Adam
     beta1: float = 0.9                         # [4.1]
     beta2: float = 0.999                       # [4.1]
@@ -840,7 +853,8 @@ def dropout_masks(seed_or_rng, batch_size: int, hidden: Sequence[int], rate: flo
 class BatchNorm(NamedTuple):
     """What batch norm's backward pass needs: the normalised pre-activations and 1 / std."""
 
-    normalised: np.ndarray           # Z_hat = (Z - mean) / std, (B, n), each column mean 0, var 1
+    normalised: np.ndarray           # Z_hat = (Z - mean) / std, (B, n): each column has mean 0
+                                     # and variance var / (var + BN_EPS), about 1
     inv_std: np.ndarray              # 1 / sqrt(var + BN_EPS) per unit, (n,)
 
 
@@ -873,6 +887,12 @@ def batch_norm_backward(dOut: np.ndarray, norm: BatchNorm, g: np.ndarray
         db = sum_rows dOut                 dg = sum_rows dOut * Z_hat
         dZ = g / (B std) * (B dOut - db - Z_hat dg)
 
+    Derivation, per column, with s = 1 / std and D = dL/dZ_hat = g dOut: Z_hat_i = (Z_i - mean) s,
+    where d mean / dZ_i = 1/B and ds / dZ_i = -s^3 (Z_i - mean) / B = -s^2 Z_hat_i / B. So
+        dZ_i = s (D_i - mean_j D_j - Z_hat_i mean_j(D_j Z_hat_j)),
+    and putting in sum_j D_j = g db and sum_j D_j Z_hat_j = g dg gives the line above.
+    (This is exact with BN_EPS inside std.)
+
     The last line is the classic one: every row's Z enters the batch's mean and std, so dZ of one
     row gets, besides its own dOut, two corrections shared by the whole batch. They remove from
     dOut its mean and its part along Z_hat, the two directions in which the normalisation cannot
@@ -894,7 +914,8 @@ class Cache(NamedTuple):
 
     gate = 1[Z > 0] * mask is the derivative of dropout(ReLU(Z)) with respect to Z: a diagonal
     matrix, stored as its diagonal. With no dropout it is the boolean 1[Z > 0]. With batch norm
-    Z is the normalised layer's output, and `norms` keeps what its backward pass needs.
+    the gate is taken at the normalised layer's output g * Z_hat + b instead of at Z = A W, and
+    `norms` keeps what the normalisation's backward pass needs.
     """
 
     inputs: tuple[np.ndarray, ...]   # A0 = X, A1, ..., A_{L-1}; A_l is (B, n_l)
@@ -987,8 +1008,9 @@ def l2_penalty(params: Mapping, l2: float) -> float:
     penalised). Its gradient is lambda * W.
 
     The factor 1/2 is the usual convention (Nielsen's network2.py, Goodfellow et al., PyTorch's
-    weight_decay): it makes lambda the decay rate of the weights. The report writes the term as
-    lambda * sum ||W||^2 with lambda = 1e-4, but trained with that term's gradient 2 lambda W the
+    weight_decay): it makes the gradient exactly lambda W, so under plain SGD each step shrinks
+    the weights by the factor 1 - lr lambda (under Adam it does not; see adam_step). The report
+    writes the term as lambda * sum ||W||^2 with lambda = 1e-4, but trained with that term's gradient 2 lambda W the
     network is held back more than the report's own figures show (over three seeds, validation
     89.7% against its 90.1%, 93.3% of its training images against its 94.6%), while with
     gradient lambda W it comes close to them (90.2%, 94.3%; README, "Which L2").
@@ -1045,12 +1067,18 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     """Gradients of `total_loss` with respect to every parameter, same keys and shapes as params.
 
     For softmax followed by cross-entropy averaged over B rows, dL/dZ_L = (softmax(Z_L) - T) / B,
-    where T is the target: one-hot, or (1 - e) one-hot + e / K with label smoothing e.
+    where T is the target: one-hot, or (1 - e) one-hot + e / K with label smoothing e. (Per row,
+    log p_k = z_k - log sum_j e^{z_j}, so d(-sum_k T_k log p_k)/dz_k = p_k - T_k, as sum_k T_k = 1.)
     Then for each layer l = L, ..., 1 (A_{l-1} is the layer's input):
         dW_l = A_{l-1}^T dZ_l + lambda W_l        (fan_in, fan_out)
         db_l = sum over the batch of dZ_l          (fan_out,)
         dA_{l-1} = dZ_l W_l^T                      (B, fan_in)
         dZ_{l-1} = dA_{l-1} * gate_{l-1}           ReLU and dropout, elementwise
+    Why these: Z[i,k] = sum_j A[i,j] W[j,k] + b[k]. W[j,k] enters every row i, so its gradient
+    sums dZ[i,k] A[i,j] over the batch, which is the matrix product A^T dZ; b[k] is added to
+    every row, so db sums dZ's rows; A[i,j] enters Z[i,k] for every k, so dA sums dZ[i,k] W[j,k]
+    over k, which is dZ W^T. The gate passes dA where the unit fired and was kept (scaled by
+    dropout's 1 / (1 - p)) and blocks it elsewhere.
     With batch norm, a hidden layer's dZ_l first goes back through the normalisation
     (`batch_norm_backward`, which also gives dg_l and db_l).
 
@@ -1074,8 +1102,9 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
         A_prev, W = cache.inputs[l - 1], params[f"W{l}"]
-        if l < L and cache.norms:                             # back through the batch norm
-            dZ, dg, db = batch_norm_backward(dZ, cache.norms[l - 1], params[f"g{l}"])
+        if l < L and cache.norms:                             # back through the batch norm:
+            dZ, dg, db = batch_norm_backward(dZ, cache.norms[l - 1], params[f"g{l}"])  # dL/dOut in,
+                                                              # dL/dZ out
             grads[f"g{l}"][...] = dg                          # (fan_out,)
             grads[f"b{l}"][...] = db                          # (fan_out,)
         else:
@@ -1085,7 +1114,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
             grads[f"W{l}"] += l2 * W
         if l > 1:
             dA = dZ @ W.T                                     # (B, fan_in)
-            dZ = np.multiply(dA, cache.gates[l - 2], out=dA)  # (B, fan_in)
+            dZ = np.multiply(dA, cache.gates[l - 2], out=dA)  # (B, fan_in), layer l-1's gate
     return Params(flat, shapes)
 
 
@@ -1275,26 +1304,28 @@ def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: f
     Speed: the update is memory-bound (a dozen passes over 570k numbers), so it runs slice by
     slice; every array's slice, and the two scratch slices, stay in cache between passes.
     """
-    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t                  # the bias corrections
     step_size, eps_hat = lr * math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)
     flush = t % FLUSH_EVERY == 0
     scratch = np.empty((2, min(ADAM_SLICE, p.size)), dtype=p.dtype)
     weights = (0, num_weights, l2, 1.0 - lr * weight_decay)          # L2 and AdamW: weights only
     biases = (num_weights, p.size, 0.0, 1.0)
-    for lo, hi, decay, shrink in (weights, biases):
+    for lo, hi, l2_slice, shrink in (weights, biases):
         for start in range(lo, hi, ADAM_SLICE):
             s = slice(start, min(start + ADAM_SLICE, hi))
             a, b = scratch[0, :s.stop - s.start], scratch[1, :s.stop - s.start]
             _adam_slice(p[s], g[s], m[s], v[s], p_out[s], m_out[s], v_out[s], a, b,
-                        beta1, beta2, step_size, eps_hat, decay, shrink, flush)
+                        beta1, beta2, step_size, eps_hat, l2_slice, shrink, flush)
 
 
 def _adam_slice(p, g, m, v, p_out, m_out, v_out, a, b, beta1, beta2, step_size, eps_hat,
-                decay, shrink, flush) -> None:
+                l2, shrink, flush) -> None:
     """Adam's formulas on one slice. a, b: scratch. Each output is written only after the last
-    read of its own input, position by position, so outputs may alias inputs."""
-    if decay:                                    # g + decay * p: the L2 term's gradient
-        np.multiply(p, decay, out=a)
+    read of its own input, position by position, so outputs may alias inputs. The moments are
+    updated as v + (1 - beta2)(g^2 - v), which is beta2 v + (1 - beta2) g^2 rearranged to need
+    no third scratch slice (and likewise m)."""
+    if l2:                                       # g + l2 * p: the L2 term's gradient
+        np.multiply(p, l2, out=a)
         g = np.add(a, g, out=a)
     np.square(g, out=b)                          # v + (1 - b2)(g^2 - v)
     b -= v
@@ -1384,17 +1415,18 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     t = opt_state.step
     rng = np.random.default_rng([config.seed, epoch])
     loss_sum, correct, seen = 0.0, 0, 0
-    steps = -(-len(y) // config.batch_size)
+    steps = -(-len(y) // config.batch_size)                  # ceil(n / batch_size)
     for step, idx in enumerate(batches(len(y), config.batch_size, rng), start=1):
         xb = augment(x[idx], rng, config.flip, config.shift, config.cutout,
                      config.input_dropout)                    # (B, 784)
         yb = y[idx]                                           # (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype)
         logits, cache = forward(current, xb, masks)
-        grads = backward(current, cache, yb, smoothing=config.label_smoothing)  # L2: in Adam
-        t += 1
-        adam_update(p, grads.flat, m, v, p, m, v, n_w, t, learning_rate(config, t, steps),
-                    config.beta1, config.beta2, config.eps, config.l2, config.weight_decay)
+        grads = backward(current, cache, yb, smoothing=config.label_smoothing)  # data term only:
+        t += 1                                        # adam_update adds L2's l2 W, one pass fewer
+        adam_update(p, grads.flat, m, v, p_out=p, m_out=m, v_out=v, num_weights=n_w, t=t,
+                    lr=learning_rate(config, t, steps), beta1=config.beta1, beta2=config.beta2,
+                    eps=config.eps, l2=config.l2, weight_decay=config.weight_decay)
         batch_loss = cross_entropy(logits, yb)
         if not batch_loss < EXPLODED_LOSS:                    # also catches NaN
             raise DivergedError(f"training diverged: the loss reached {batch_loss:.4g} at epoch "
@@ -1603,8 +1635,9 @@ def log_mean_softmax(logits: Sequence[np.ndarray]) -> np.ndarray:
 def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool = False,
                     chunk: int = EVAL_CHUNK) -> np.ndarray:
     """An ensemble's prediction: the mean of its members' predicted distributions, as logits
-    (their log), like `predict_logits` with flip_average. Members trained from different seeds
-    make partly different mistakes, so the average is wrong less often than a typical member."""
+    (their log), like `predict_logits` with flip_average. Members that err differently (the
+    "best" ensemble's are differently regularised) are rarely all wrong on the same image, so
+    the average is wrong less often than a typical member."""
     return log_mean_softmax([predict_logits(p, x, chunk, flip_average) for p in models])
 
 
