@@ -1,6 +1,6 @@
 """Hypothesis profiles, chosen with HYPOTHESIS_PROFILE (default: "default", or "ci" when CI is set).
 
-- default: few examples, so the whole suite runs in about two minutes on two cores;
+- default: few examples, so the whole suite runs in two to four minutes on two cores;
 - ci: the same budget, derandomized, so a red run can be repeated exactly;
 - heavy: many more examples, for a thorough pass (`HYPOTHESIS_PROFILE=heavy pytest`).
 A counterexample Hypothesis finds belongs in the test as an explicit @example.

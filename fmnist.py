@@ -30,7 +30,7 @@ Conventions, stated once:
   network, transposed.)
 * `dZ` means dL/dZ, the gradient of the scalar loss with respect to `Z`, with the shape of `Z`.
 * The loss is the *mean* over the batch's B examples (the report writes a sum), hence the 1/B in
-  dL/dZ_L, which then flows into every gradient.
+  dL/dZ_L, which then flows into every data gradient (not into L2's lambda W).
 * Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array` (with batch norm
   also scales `g1, ..., g_{L-1}`). Every stage
   (init_params, forward, backward, adam_step, train_epoch, evaluate, ...) returns new values and
@@ -914,7 +914,7 @@ class Cache(NamedTuple):
 
     gate = 1[Z > 0] * mask is the derivative of dropout(ReLU(Z)) with respect to Z: a diagonal
     matrix, stored as its diagonal. With no dropout it is the boolean 1[Z > 0]. With batch norm
-    the gate is taken at the normalised layer's output g * Z_hat + b instead of at Z = A W, and
+    the gate is taken at the normalised layer's output g * Z_hat + b instead of at A W + b, and
     `norms` keeps what the normalisation's backward pass needs.
     """
 
