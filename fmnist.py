@@ -1102,9 +1102,8 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
         A_prev, W = cache.inputs[l - 1], params[f"W{l}"]
-        if l < L and cache.norms:                             # back through the batch norm:
-            dZ, dg, db = batch_norm_backward(dZ, cache.norms[l - 1], params[f"g{l}"])  # dL/dOut in,
-                                                              # dL/dZ out
+        if l < L and cache.norms:                 # back through the batch norm: dL/dOut -> dL/dZ
+            dZ, dg, db = batch_norm_backward(dZ, cache.norms[l - 1], params[f"g{l}"])
             grads[f"g{l}"][...] = dg                          # (fan_out,)
             grads[f"b{l}"][...] = db                          # (fan_out,)
         else:

@@ -189,18 +189,17 @@ def assert_gradients_match(analytic, numeric, loss_scale: float) -> None:
                                    err_msg=f"d(total_loss)/d{name}: backward vs finite differences")
 
 
-def batch_norm_magnification(case: Case) -> float:
+def batch_norm_magnification(params, cache: fm.Cache) -> float:
     """How much batch norm magnifies the rounding of Z = A W: the largest |Z| |g| / std over its
     columns (0 without batch norm). Z carries a rounding error of about eps |Z|, and the
     normalisation divides Z - mean by std; in a column that hardly varies over the batch (rows
     that are all alike, say) Z - mean is that rounding error alone, and 1 / std is as large as
     1 / sqrt(BN_EPS) = 316. The loss's own rounding, which the finite difference divides by h,
-    is then about eps |Z| |g| / std rather than eps |L|."""
-    _, cache = fm.forward(case.params, case.x, case.masks)
+    is then about eps |Z| |g| / std rather than eps |L|. `cache`: forward's, for `params`."""
     magnification = 0.0
     for l, norm in enumerate(cache.norms, start=1):
-        Z = cache.inputs[l - 1] @ case.params[f"W{l}"]                   # (B, n_l), before the norm
-        per_column = np.abs(Z).max(axis=0) * np.abs(case.params[f"g{l}"]) * norm.inv_std
+        Z = cache.inputs[l - 1] @ params[f"W{l}"]                        # (B, n_l), before the norm
+        per_column = np.abs(Z).max(axis=0) * np.abs(params[f"g{l}"]) * norm.inv_std
         magnification = max(magnification, float(per_column.max()))
     return magnification
 
@@ -214,8 +213,8 @@ def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0
     _, cache = fm.forward(case.params, case.x, case.masks)
     analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
     numeric = fm.numerical_gradient(loss, case.params, H)         # (L(p + h e_i) - L(p - h e_i)) / 2h
-    loss_value = loss(case.params)
-    assert_gradients_match(analytic, numeric, max(abs(loss_value), batch_norm_magnification(case)))
+    loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
+    assert_gradients_match(analytic, numeric, loss_scale)
 
 
 def onehot(labels: np.ndarray, k: int) -> np.ndarray:
@@ -554,6 +553,16 @@ def test_cross_entropy_with_smoothing_of_extreme_logits_is_finite_and_bounded(dt
 # ================================================================================================
 
 
+def logit_gradient(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """backward's dL/dZ_L for logits z (B, K), read from backward itself: a one-layer network
+    with W = z, b = 0 and the identity matrix as its batch has logits z, and its weight gradient
+    I^T dZ_L is dZ_L."""
+    params = fm.Params.from_arrays({"W1": z, "b1": np.zeros(z.shape[1], z.dtype)})
+    logits, cache = fm.forward(params, np.eye(len(z), dtype=z.dtype))
+    assert np.array_equal(logits, z)
+    return fm.backward(params, cache, labels)["W1"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
 def test_backwards_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype, data):
@@ -561,16 +570,12 @@ def test_backwards_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype,
 
     Seen from calculus: the loss does not change when a constant is added to a row of logits
     (shift invariance), so its gradient with respect to that row has no component along
-    (1, ..., 1); that is, the row of dL/dZ sums to zero. Read straight from `backward`, at
-    logits far beyond what exp can take: a one-layer network with W = z, b = 0 and the identity
-    matrix as its batch has logits z, and its weight gradient I^T dZ_L is dZ_L itself.
+    (1, ..., 1); that is, the row of dL/dZ sums to zero. Read straight from `backward`
+    (logit_gradient), at logits far beyond what exp can take.
     """
     z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
     B, K = z.shape
-    params = fm.Params.from_arrays({"W1": z, "b1": np.zeros(K, dtype)})
-    logits, cache = fm.forward(params, np.eye(B, dtype=dtype))
-    assert np.array_equal(logits, z)
-    dz = fm.backward(params, cache, labels)["W1"]                              # (B, K)
+    dz = logit_gradient(z, labels)                                             # (B, K)
     assert np.isfinite(dz).all()
     np.testing.assert_allclose(dz.sum(axis=1), 0.0, rtol=0, atol=4 * K * np.finfo(dtype).eps / B)
 
@@ -582,12 +587,10 @@ def test_float32_logit_gradient_is_the_float64_one_but_for_the_flushed_tiny_numb
     logits within +-20 (probabilities down to e^-40 = 4e-18), every entry equals the float64
     (softmax(z) - onehot(y)) / B of the same logits to 1e-4 relative, or to 2 sqrt(tiny) = 2.2e-19
     absolute, plus float32's rounding of p - 1 in the true class. A flush at a higher threshold
-    would zero probabilities that still count. Read from backward as in the test above."""
+    would zero probabilities that still count."""
     z, labels = z_and_labels
     B, K = z.shape
-    params = fm.Params.from_arrays({"W1": z, "b1": np.zeros(K, np.float32)})
-    _, cache = fm.forward(params, np.eye(B, dtype=np.float32))
-    dz = fm.backward(params, cache, labels)["W1"].astype(np.float64)            # (B, K)
+    dz = logit_gradient(z, labels).astype(np.float64)                          # (B, K)
     expected = (fm.softmax(z.astype(np.float64)) - onehot(labels, K)) / B
     flushed = 2 * np.sqrt(np.finfo(np.float32).tiny)
     rounding_of_p_minus_1 = onehot(labels, K) * 4 * np.finfo(np.float32).eps / B
