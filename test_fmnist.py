@@ -700,13 +700,14 @@ def test_cut_out_blacks_out_one_square_per_image_clipped_only_by_the_border(seed
     """cut_out changes each image only on one axis-aligned square of background pixels: size x
     size, except where the image border cuts it off; never empty (its centre is in the image);
     every other pixel kept bit for bit. A new array; x untouched; the same seed, the same squares."""
+    black = np.asarray(fmnist.BACKGROUND, dtype)
     x = random_images(seed, n, dtype)
+    x[x == black] = 0.0              # no pixel already black, so `cut != original` is the square
     before = x.copy()
     out = fmnist.cut_out(x, np.random.default_rng(seed), size)
     assert out.shape == x.shape and out.dtype == x.dtype and not np.shares_memory(out, x)
     assert np.array_equal(x, before)
     assert np.array_equal(fmnist.cut_out(x, np.random.default_rng(seed), size), out)
-    black = np.asarray(fmnist.BACKGROUND, dtype)
     centres = np.random.default_rng(seed).integers(0, 28, size=(2, n))      # cut_out's one draw
     for original, cut, centre in zip(x.reshape(n, 28, 28), out.reshape(n, 28, 28), centres.T):
         hole = cut != original
