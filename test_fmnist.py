@@ -605,8 +605,11 @@ def test_dropout_masks_are_reproducible_from_the_seed():
 
 def random_images(seed, n, dtype="float64"):
     """n random (n, 784) 'images': no two pixels alike (almost surely), so no translation or
-    mirror image of one can equal another by accident."""
-    return np.random.default_rng(seed).normal(size=(n, 784)).astype(dtype)
+    mirror image of one can equal another by accident; and no pixel already background (black),
+    so the pixels an augmentation blacks out are exactly those it changes."""
+    x = np.random.default_rng(seed).normal(size=(n, 784)).astype(dtype)
+    x[x == x.dtype.type(fmnist.BACKGROUND)] = 0.0
+    return x
 
 
 def translated(image, dy, dx):
@@ -700,14 +703,13 @@ def test_cut_out_blacks_out_one_square_per_image_clipped_only_by_the_border(seed
     """cut_out changes each image only on one axis-aligned square of background pixels: size x
     size, except where the image border cuts it off; never empty (its centre is in the image);
     every other pixel kept bit for bit. A new array; x untouched; the same seed, the same squares."""
-    black = np.asarray(fmnist.BACKGROUND, dtype)
     x = random_images(seed, n, dtype)
-    x[x == black] = 0.0              # no pixel already black, so `cut != original` is the square
     before = x.copy()
     out = fmnist.cut_out(x, np.random.default_rng(seed), size)
     assert out.shape == x.shape and out.dtype == x.dtype and not np.shares_memory(out, x)
     assert np.array_equal(x, before)
     assert np.array_equal(fmnist.cut_out(x, np.random.default_rng(seed), size), out)
+    black = np.asarray(fmnist.BACKGROUND, dtype)
     centres = np.random.default_rng(seed).integers(0, 28, size=(2, n))      # cut_out's one draw
     for original, cut, centre in zip(x.reshape(n, 28, 28), out.reshape(n, 28, 28), centres.T):
         hole = cut != original
