@@ -54,9 +54,11 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -86,6 +88,7 @@ TRAIN_IMAGES = 60_000              # official training set, split into train and
 TEST_IMAGES = 10_000               # official test set, for the final evaluation only
 SCHEDULES = ("constant", "cosine")
 MAX_SHIFT = 4                      # pixels; an item moved further starts to leave the 28 x 28 frame
+MAX_WIDTH = 2**31 - 1              # units a layer: BLAS indexes a matrix's rows with 32-bit ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,9 @@ def check_config(c: Config) -> None:
         if not ok(getattr(c, field.name)):
             raise ValueError(f"{field.name} must be {kind}, got {getattr(c, field.name)!r}")
     checks = [
-        (len(c.hidden) > 0 and all(h >= 1 for h in c.hidden),
-         f"hidden sizes must be one or more positive integers, got {list(c.hidden)}"),
+        (len(c.hidden) > 0 and all(1 <= h <= MAX_WIDTH for h in c.hidden),
+         f"hidden sizes must be one or more whole numbers from 1 to {MAX_WIDTH:,}, "
+         f"got {list(c.hidden)}"),
         (0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}"),
         (0.0 <= c.l2 < math.inf, f"l2 must be >= 0 and finite, got {c.l2}"),
         (0.0 < c.lr < math.inf, f"learning rate must be > 0 and finite, got {c.lr}"),
@@ -261,7 +265,10 @@ def atomic_write(path: Path, write: Any) -> None:
     write a temporary file in the same folder, flush and fsync it, then os.replace it into place."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies
+    except OSError as e:                # name the file the caller asked for, not our temporary
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -349,7 +356,7 @@ def find_data_file(data_dir: Path, name: str) -> Path:
                 return candidate
     raise DataError(f"{data_dir / name}[.gz]: file not found (also looked in "
                     f"{data_dir / 'FashionMNIST' / 'raw'}); run `python fmnist.py download "
-                    f"--data-dir {data_dir}` or point --data-dir at the folder holding it")
+                    f"--data-dir {_shell(data_dir)}` or point --data-dir at the folder holding it")
 
 
 def read_idx(path: Path, expected_sha256: str | None = None) -> np.ndarray:
@@ -1565,9 +1572,9 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     logits = np.concatenate([_inference(params, x[i:i + chunk]) for i in range(0, len(x), chunk)]
                             or [np.empty((0, NUM_CLASSES))])
     if not flip_average:
-        return logits
+        return _readonly(logits)
     mirrored = predict_logits(params, mirror(x), chunk)
-    return log_mean_softmax([logits, mirrored])
+    return _readonly(log_mean_softmax([logits, mirrored]))
 
 
 def _inference(params: Mapping, x: np.ndarray) -> np.ndarray:
@@ -2428,7 +2435,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     out, state, history, config = _check_run_dir(args, config)
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     if state is None:
-        _start_run_dir(out, config)
+        out = _start_run_dir(out, args, config)
     print(f"{'resuming' if state else 'training'} {_dashed(config.layer_sizes)} on "
           f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
           f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
@@ -2446,10 +2453,10 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     except KeyboardInterrupt:
         if saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
-                  f"  python fmnist.py train --resume {out}", file=sys.stderr)
+                  f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
         else:
             print("\ninterrupted before the first epoch was saved; nothing to resume "
-                  "(run the same command again, with --force)", file=sys.stderr)
+                  "(run the same command again)", file=sys.stderr)
         return 130
     except DivergedError as e:
         best = out / "best.npz"
@@ -2487,10 +2494,10 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
         todo = {name: c for name, c in members.items()
                 if not (out / name / "metrics.json").exists()}
     else:                                            # a new run (or --force): every member anew
-        _make_dir(out, "--out")
+        out = _create_run_dir(out, args)
         for name in RUN_FILES:                       # metrics.json, and a run's files (--force)
             (out / name).unlink(missing_ok=True)
-        write_json(out / "ensemble.json", {"recipe": args.recipe, "members": {
+        _write_run_file(out, "ensemble.json", {"recipe": args.recipe, "members": {
             name: c.to_json() for name, c in members.items()}})
         todo = dict(members)
     jobs = min(args.jobs or os.cpu_count() or 1, len(todo)) or 1
@@ -2500,7 +2507,7 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         print(f"not finished: {', '.join(failed)}. Continue the ensemble with:\n"
-              f"  python fmnist.py train --resume {out}", file=sys.stderr)
+              f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
         return 130 if 130 in codes.values() else 1
     metrics, loaded = evaluate_checkpoints([out / name / "best.npz" for name in members],
                                            args.data_dir)
@@ -2534,13 +2541,8 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
                                       f"ensemble again with --force")
         return out, members
     out = _new_run_dir(args)
-    if (out / "ensemble.json").exists() and not args.force:
-        raise CheckpointError(f"{out}: already holds an ensemble; choose another --out, resume "
-                              f"it with --resume, or pass --force to overwrite it")
-    for name in members:                            # checked before anything is written
-        if not args.force and any((out / name / f).exists() for f in RUN_FILES):
-            raise CheckpointError(f"{out / name}: already holds a run; choose another --out, "
-                                  f"or pass --force to overwrite it")
+    for folder in (out, *(out / name for name in members)):   # before anything is written
+        _refuse_to_overwrite(folder, args.force)
     return out, dict(members)
 
 
@@ -2669,18 +2671,33 @@ def _check_run_dir(args: argparse.Namespace, config: Config
     if args.resume:
         out = _resumable_dir(args, "run")
         state, config, history = load_state(out / "state.npz")
+        if _stored_config(out) != config:       # the report at the end reads config.json
+            raise CheckpointError(f"{out / 'config.json'}: does not match the settings in "
+                                  f"state.npz; the run's files are not from one run")
         return out, state, history, config
     out = _new_run_dir(args)
-    for name, what in (("metrics.json", "a finished run"), ("state.npz", "an unfinished run")):
-        if (out / name).exists() and not args.force:
+    _refuse_to_overwrite(out, args.force)
+    return out, None, [], config
+
+
+def _refuse_to_overwrite(out: Path, force: bool) -> None:
+    """Without --force, refuse a directory holding any file a run or an ensemble writes there:
+    a finished run, hours of an unfinished one, or someone's own config.json."""
+    if force:
+        return
+    finished = (out / "metrics.json").exists()
+    for name, what in (("ensemble.json", "an ensemble"), ("metrics.json", "a finished run"),
+                       ("state.npz", "an unfinished run")):
+        if (out / name).exists():
+            resume = "" if finished else "resume it with --resume, "
             raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
-                                  f"{'resume it with --resume, ' if name == 'state.npz' else ''}"
-                                  f"or pass --force to overwrite it")
-    present = [name for name in RUN_FILES if (out / name).exists() and name != "config.json"]
-    if present and not args.force:
+                                  f"{resume}or pass --force to overwrite it")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if present == ["config.json"] and _holds_config(out):
+        return                        # a run stopped before its first epoch: nothing to lose
+    if present:
         raise CheckpointError(f"{out}: already holds {', '.join(present)}; choose another --out "
                               f"or pass --force to overwrite them")
-    return out, None, [], config
 
 
 def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
@@ -2694,12 +2711,9 @@ def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
     if what == "run" and not (out / "state.npz").exists():
         if (out / "config.json").exists():
             raise CheckpointError(f"{out}: stopped before its first epoch was saved, so there "
-                                  f"is nothing to resume; start it again with --out {out} --force")
+                                  f"is nothing to resume; start it again with --out {_shell(out)}")
         raise CheckpointError(f"{out}: no state.npz, so no run to resume here; --resume takes "
                               f"the directory a `train` run wrote")
-    if args.recipe or given_hyperparameters(args):
-        raise ValueError("--resume continues a run with its stored settings; "
-                         "do not pass a recipe or hyperparameters with it")
     return out
 
 
@@ -2711,20 +2725,63 @@ def _run_dir_argument(path: Path, flag: str) -> Path:
     return path
 
 
+def _holds_config(out: Path) -> bool:
+    """Whether out/config.json is exactly what a run writes (Config.to_json), rather than some
+    other program's file (from_json alone would read any JSON object, ignoring unknown keys)."""
+    try:
+        stored = json.loads((out / "config.json").read_text())
+        return stored == Config.from_json(stored).to_json()
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
 def _new_run_dir(args: argparse.Namespace) -> Path:
-    """--out, or runs/<timestamp>; refused if it names a file."""
+    """--out, or runs/<timestamp>; refused if it names a file. (The default is only a first
+    choice: see _create_run_dir.)"""
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
     return out
 
 
-def _start_run_dir(out: Path, config: Config) -> None:
-    """Create the run directory, clear what an earlier run (--force) left there, save the config."""
-    _make_dir(out, "--out")
+def _create_run_dir(out: Path, args: argparse.Namespace) -> Path:
+    """Create the run directory and return it. Without --out, the default runs/<timestamp> is
+    claimed by creating it (the first of runs/<timestamp>, runs/<timestamp>-2, ... that does
+    not exist yet), so two runs started in the same second never share a directory."""
+    if args.out is not None:
+        _make_dir(out, "--out")
+        return out
+    _make_dir(out.parent, "--out")
+    for n in itertools.count(1):
+        candidate = out if n == 1 else out.with_name(f"{out.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise FmnistError(f"{candidate}: cannot create the directory ({e.strerror}); "
+                              f"choose a directory with --out") from None
+    raise AssertionError("unreachable")
+
+
+def _write_run_file(out: Path, name: str, obj: Any) -> None:
+    """write_json for a run's first file, with one clear line if the directory refuses it."""
+    try:
+        write_json(out / name, obj)
+    except OSError as e:
+        raise FmnistError(f"{out}: cannot write to the directory ({e.strerror}); "
+                          f"choose another --out") from None
+
+
+def _start_run_dir(out: Path, args: argparse.Namespace, config: Config) -> Path:
+    """Create the run directory (see _create_run_dir), clear what an earlier run (--force) left
+    there, save the config; returns the directory."""
+    out = _create_run_dir(out, args)
     for name in (*RUN_FILES, "ensemble.json"):       # --force over an ensemble: a run now
         (out / name).unlink(missing_ok=True)
-    write_json(out / "config.json", config.to_json())
+    _write_run_file(out, "config.json", config.to_json())
+    return out
 
 
 def _progress_bar(quiet: bool, first_epoch: int = 1) -> OnStep | None:
@@ -2817,7 +2874,7 @@ def _checkpoints_in(path: Path) -> list[Path]:
     if unfinished:
         raise CheckpointError(f"{path}: the ensemble has not finished ({', '.join(unfinished)} "
                               f"still training); continue it with `python fmnist.py train "
-                              f"--resume {path}`")
+                              f"--resume {_shell(path)}`")
     return [path / name / "best.npz" for name in members]
 
 
@@ -2892,8 +2949,8 @@ def run_gradcheck(args: argparse.Namespace) -> int:
 
 def check_gradcheck_args(args: argparse.Namespace) -> None:
     """Raise ValueError for gradcheck settings that build no network (a usage error)."""
-    if not args.hidden or min(args.hidden) < 1:
-        raise ValueError(f"--hidden needs one or more positive widths, got "
+    if not args.hidden or not all(1 <= h <= MAX_WIDTH for h in args.hidden):
+        raise ValueError(f"--hidden needs one or more widths from 1 to {MAX_WIDTH:,}, got "
                          f"{','.join(map(str, args.hidden)) or 'none'}")
     if args.batch_norm and args.batch < 2:
         raise ValueError(f"--batch-norm needs --batch of at least 2 (a batch's mean and "
@@ -2904,7 +2961,7 @@ def run_download(args: argparse.Namespace) -> int:
     """Fetch and verify the four data files (torchvision if installed, else the standard library)."""
     download_fashion_mnist(args.data_dir, args.mirror,
                            use_torchvision=False if args.no_torchvision else None)
-    print(f"{args.data_dir}: ready (python fmnist.py train --data-dir {args.data_dir})")
+    print(f"{args.data_dir}: ready (python fmnist.py train --data-dir {_shell(args.data_dir)})")
     return 0
 
 
@@ -2938,6 +2995,13 @@ def _test_index(text: str) -> int:
     return value
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (an unset shell variable) would quietly mean `.`."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
 def _hidden_sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(h) for h in text.split(",")) if text.strip() else ()
@@ -2949,7 +3013,7 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
 def _data_dir_flag(parser: argparse.ArgumentParser, help: str = "folder with the IDX files",
                    default: Path | None = None) -> None:
     """--data-dir; by default (None) the data the command finds: see default_data_dir."""
-    parser.add_argument("--data-dir", type=Path, default=default,
+    parser.add_argument("--data-dir", type=_path, default=default,
                         help=help if default else f"{help} (default: ./data if it exists, "
                                                   f"else the data/ folder beside fmnist.py)")
 
@@ -3032,11 +3096,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=_whole_number, default=argparse.SUPPRESS,
                        help="train on the first N training images only (quick tries)")
     _data_dir_flag(train)
-    train.add_argument("--out", type=Path, default=None,
+    train.add_argument("--out", type=_path, default=None,
                        help="run directory (default: runs/<timestamp>)")
     train.add_argument("--force", action="store_true",
                        help="overwrite a run already in --out")
-    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+    train.add_argument("--resume", type=_path, default=None, metavar="RUN_DIR",
                        help="continue an interrupted run from its last saved epoch, "
                             "with its stored settings (the result is bit-identical)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -3044,7 +3108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        description="Print the full evaluation of a checkpoint, or "
                                                    "of several as an ensemble.",
                                formatter_class=_HelpFormatter)
-    evaluate_cmd.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
+    evaluate_cmd.add_argument("checkpoints", type=_path, nargs="+", metavar="CHECKPOINT",
                               help="a best.npz written by train, a run's directory (its "
                                    "best.npz), or the directory of an ensemble run; several are "
                                    "evaluated as an ensemble (the mean of their predicted "
@@ -3054,7 +3118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Redraw curves.png, confusion.png and mistakes.png "
                                                  "and rewrite report.md in a finished run directory.",
                              formatter_class=_HelpFormatter)
-    report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train (an "
+    report_cmd.add_argument("run_dir", type=_path, help="a run directory written by train (an "
                                                        "ensemble's: each member's report)")
     _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
     predict_cmd = add_command(
@@ -3065,10 +3129,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "side fitted to 28 and centred. Photos of a dark object on a light background "
                     "need --invert.",
         formatter_class=_HelpFormatter)
-    predict_cmd.add_argument("checkpoint", type=Path,
+    predict_cmd.add_argument("checkpoint", type=_path,
                              help="a best.npz written by train, a run's directory (its best.npz) "
                                   "or an ensemble's directory (the mean of its members' answers)")
-    predict_cmd.add_argument("images", type=Path, nargs="*", metavar="IMAGE",
+    predict_cmd.add_argument("images", type=_path, nargs="*", metavar="IMAGE",
                              help="image files (PNG, JPEG, or anything Pillow reads)")
     predict_cmd.add_argument("--invert", action="store_true",
                              help="the images show a dark object on a light background")
@@ -3137,10 +3201,28 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     option and would call the rest unrecognized."""
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+        if "" in extra:
+            parser.error("an image path is an empty string")
         args.images += [Path(e) for e in extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume continues a run in its own directory with its stored settings: a recipe,
+    hyperparameter, --out or --force beside it would be silently ignored, or worse, change the
+    run half-way. Raise ValueError for any of them."""
+    if args.resume and (args.recipe or given_hyperparameters(args) or args.out is not None
+                        or args.force):
+        raise ValueError("--resume continues a run in its own directory with its stored "
+                         "settings; do not pass a recipe, hyperparameters, --out or --force "
+                         "with it")
+
+
+def _shell(path: str | Path) -> str:
+    """A path as it must be typed in a shell command (quoted if it has spaces and the like)."""
+    return shlex.quote(str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3150,6 +3232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data_dir = default_data_dir()
     try:
         if args.command == "train":
+            check_resume_flags(args)
             if args.resume and (Path(args.resume) / "ensemble.json").exists():
                 return run_ensemble(args, None)
             ensemble = args.recipe in ENSEMBLES and not args.resume    # resume: refused below
@@ -3187,6 +3270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (FmnistError, ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:            # NumPy's says what it could not allocate
+        print(f"{parser.prog}: error: not enough memory ({e or 'allocation failed'}); try a "
+              f"smaller network or batch", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

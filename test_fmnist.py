@@ -9,6 +9,7 @@ download). Hypothesis is used where a property ranges over inputs; a worked exam
 it is clearer. The real data is loaded once per module; networks and subsets are kept small.
 """
 
+import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -327,7 +328,7 @@ def test_public_functions_leave_their_inputs_unchanged(name):
                                   "make_splits", "augment", "augment (cutout and input dropout only)",
                                   "adam_step (AdamW)", "average_params", "forward (batch norm)",
                                   "backward (batch norm)", "train_epoch (batch norm)",
-                                  "fold_batch_norm"])
+                                  "fold_batch_norm", "predict_logits"])
 def test_returned_arrays_are_read_only(name):
     """Read-only results turn 'never writes into its inputs' into a check for every later caller."""
     fn, args = PURE_CALLS[name]()
@@ -605,10 +606,14 @@ def test_dropout_masks_are_reproducible_from_the_seed():
 
 def random_images(seed, n, dtype="float64"):
     """n random (n, 784) 'images': no two pixels alike (almost surely), so no translation or
-    mirror image of one can equal another by accident; and no pixel already background (black),
-    so the pixels an augmentation blacks out are exactly those it changes."""
+    mirror image of one can equal another by accident; no pixel already background (black), so
+    the pixels an augmentation blacks out are exactly those it changes; and no pixel 0, so the
+    pixels dropout zeroes are exactly those that are 0 (and out / x is defined). In float32 a
+    normal draw is exactly background about once in 6e7: such a pixel moves one step off it."""
     x = np.random.default_rng(seed).normal(size=(n, 784)).astype(dtype)
-    x[x == x.dtype.type(fmnist.BACKGROUND)] = 0.0
+    background = x.dtype.type(fmnist.BACKGROUND)
+    x[x == background] = np.nextafter(background, x.dtype.type(0))
+    assert not (x == background).any() and not (x == 0).any()
     return x
 
 
@@ -744,6 +749,7 @@ def test_cut_out_centres_fall_everywhere_and_the_corners_get_clipped_squares():
 
 @given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["float32", "float64"]),
        rate=st.floats(0.01, 0.9))
+@example(seed=460, dtype="float32", rate=0.3)    # random_images(460, 64) drew one background pixel
 def test_drop_pixels_zeroes_about_rate_of_the_pixels_and_rescales_the_rest(seed, dtype, rate):
     """Inverted dropout on the inputs: each pixel becomes 0 or x / (1 - rate); the fraction
     zeroed is rate within 5 standard deviations of a binomial over 64 x 784 pixels; and the mean
@@ -1014,11 +1020,28 @@ def test_folded_network_predicts_what_forward_computes_on_the_batch_it_was_folde
     np.testing.assert_allclose(predict_logits(folded, x), logits, rtol=1e-7, atol=1e-7)
 
 
+def logits_with_statistics_of(params, x, images):
+    """The batch-norm network on `images`, each unit normalised by its mean and variance over x
+    (propagated through the network the same way): batch norm written out directly, unfolded."""
+    A, B = x, images
+    for l in range(1, fmnist.num_layers(params)):
+        Z, Z_images = A @ params[f"W{l}"], B @ params[f"W{l}"]
+        scale = params[f"g{l}"] / np.sqrt(Z.var(axis=0) + fmnist.BN_EPS)
+        A, B = (np.maximum((z - Z.mean(axis=0)) * scale + params[f"b{l}"], 0.0) for z in (Z, Z_images))
+    L = fmnist.num_layers(params)
+    return B @ params[f"W{L}"] + params[f"b{L}"]
+
+
 def test_fold_batch_norm_uses_the_statistics_of_its_images_not_of_the_batch_predicted():
-    """After folding, a prediction no longer depends on which other images share the batch:
-    one image alone gets the logits it gets among the whole set."""
+    """Folded with images x, the network normalises any other batch with x's statistics: its
+    logits are those of batch norm written out with x's means and variances. So a prediction no
+    longer depends on which other images share the batch: one image alone gets the logits it
+    gets among the whole set."""
     params, x, _, _ = _setup_batch_norm()
+    others = np.random.default_rng(11).normal(size=(7, x.shape[1]))
     folded = fmnist.fold_batch_norm(params, x)
+    np.testing.assert_allclose(predict_logits(folded, others),
+                               logits_with_statistics_of(params, x, others), rtol=1e-10, atol=1e-12)
     together = predict_logits(folded, x)
     alone = np.concatenate([predict_logits(folded, x[i:i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(alone, together, rtol=1e-12, atol=1e-12)   # BLAS rounds rows apart
@@ -1368,8 +1391,10 @@ def test_hostile_header_is_refused_before_allocating(tmp_path):
 
 @st.composite
 def idx_like_bytes(draw):
-    """Mostly well-formed IDX headers with payloads of about the right length and content."""
-    magic = draw(st.sampled_from([2049, 2051]) | st.integers(0, 2**32 - 1))
+    """Mostly well-formed IDX headers with payloads of about the right length and content; about
+    a fifth are valid files, so the checks on what the loader returns get exercised too."""
+    magic = draw(st.sampled_from([2049, 2051]) if draw(st.integers(0, 3))
+                 else st.integers(0, 2**32 - 1))
     if magic == 2051:
         dims = [draw(st.integers(0, 2)), *draw(st.sampled_from([(28, 28), (28, 27), (1, 28)]))]
     else:
@@ -1377,11 +1402,14 @@ def idx_like_bytes(draw):
     size = int(np.prod(dims)) + draw(st.sampled_from([0, 0, 0, -1, 1, -5]))
     payload = draw(st.binary(min_size=max(size, 0), max_size=max(size, 0))
                    | st.lists(st.integers(0, 9), min_size=max(size, 0), max_size=max(size, 0)))
-    return idx_bytes(magic, dims, payload)[:draw(st.none() | st.integers(0, 20)) or None]
+    cut = draw(st.integers(0, 20)) if draw(st.integers(0, 3)) == 0 else None
+    return idx_bytes(magic, dims, payload)[:cut]
 
 
 @given(data=idx_like_bytes() | st.binary(max_size=64))
 @example(data=idx_bytes(2049, [0]))
+@example(data=idx_bytes(2049, [3], [1, 10, 2]))        # a label above 9: must not come back
+@example(data=idx_bytes(2049, [2], [1, 2, 3]))         # longer than its header: must not be cut
 def test_parse_idx_returns_a_valid_array_or_raises_data_error(data):
     """Whatever the bytes, the loader either returns well-formed uint8 data or a DataError, never junk."""
     try:
@@ -1551,6 +1579,8 @@ def test_cli_refuses_to_overwrite_a_finished_run(trained_run, tmp_path):
     (["--batch-norm", "--batch-size", "1"], "batch norm needs batches of at least 2"),
     (["--batch-norm", "--limit", "129"], "129 training images in batches of 128 leave 1"),
     (["--jobs", "2"], "--jobs applies to an ensemble recipe only"),
+    (["--hidden", "99999999999999999999"], "hidden sizes must be one or more whole numbers from 1 to "
+                                           "2,147,483,647, got [99999999999999999999]"),
     (["--flip-average"], "add --flip"),
 ])
 def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flags, word):
@@ -1565,7 +1595,7 @@ def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flags, word):
 
 
 @pytest.mark.parametrize("command, word", [
-    (["gradcheck", "--hidden", "0"], "--hidden needs one or more positive widths, got 0"),
+    (["gradcheck", "--hidden", "0"], "--hidden needs one or more widths from 1 to 2,147,483,647, got 0"),
     (["gradcheck", "--batch", "0"], "--batch: expected a number of at least 1, got '0'"),
     (["gradcheck", "--batch", "1", "--batch-norm"], "--batch-norm needs --batch of at least 2"),
     (["gradcheck", "--seed", "-3"], "a seed is a whole number of at least 0, got '-3'"),
@@ -1618,14 +1648,16 @@ def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path
 
 def test_cli_run_and_ensemble_directories_that_are_not_ready_say_what_to_do(ensemble_run, tmp_path):
     """A run stopped before its first epoch (config.json only) has nothing to resume: say to
-    start it again with --force. An ensemble whose member has not finished is not evaluated,
-    asked or reported on: say which member and how to continue. A damaged ensemble.json is
-    called that, not a missing one."""
-    early = tmp_path / "early"
+    start it again, with the path quoted so the command can be pasted (nothing is lost, so no
+    --force is needed). An ensemble whose member has not finished is not evaluated, asked or
+    reported on: say which member and how to continue. A damaged ensemble.json is called that,
+    not a missing one."""
+    early = tmp_path / "early run"
     early.mkdir()
     (early / "config.json").write_text(json.dumps(Config().to_json()))
     line = one_line_error(run_cli("train", "--resume", early), stdout=None)
-    assert "stopped before its first epoch" in line and "--force" in line, line
+    assert "stopped before its first epoch" in line, line
+    assert line.endswith(f"start it again with --out '{early}'"), line
     out, _ = ensemble_run
     unfinished = shutil.copytree(out, tmp_path / "ens")
     (unfinished / "best-shift" / "metrics.json").unlink()
@@ -1913,7 +1945,8 @@ def test_fit_with_every_option_resumed_from_a_saved_state_is_bit_identical(raw, 
 
 
 @pytest.mark.parametrize("argv", [["--recipe", "best"], ["--recipe", "report"], ["--flip", "0.5"],
-                                  ["--no-flip-average"], ["--lr-schedule", "cosine"], ["--limit", "100"]],
+                                  ["--no-flip-average"], ["--lr-schedule", "cosine"], ["--limit", "100"],
+                                  ["--out", "elsewhere"], ["--force"]],
                          ids=" ".join)
 def test_cli_resume_refuses_a_recipe_or_hyperparameters(tmp_path, capsys, argv):
     """--resume continues with the settings stored in state.npz; a recipe or a flag beside it
@@ -1926,8 +1959,9 @@ def test_cli_resume_refuses_a_recipe_or_hyperparameters(tmp_path, capsys, argv):
     assert fmnist.main(["train", "--resume", str(tmp_path), *argv]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == ("fmnist: error: --resume continues a run with its stored settings; "
-                            "do not pass a recipe or hyperparameters with it\n")
+    assert captured.err == ("fmnist: error: --resume continues a run in its own directory with its "
+                            "stored settings; do not pass a recipe, hyperparameters, --out or "
+                            "--force with it\n")
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
 
 
@@ -2492,6 +2526,7 @@ HOSTILE_60M_LABELS = idx_bytes(2049, [60_000_000], bytes(100))   # 108 bytes cla
 @example(data=gzip.compress(HOSTILE_60M_LABELS, mtime=0))
 @example(data=idx_bytes(2051, [2**32 - 1, 28, 28], bytes(784)))
 @example(data=gzip.compress(idx_bytes(2049, [10], bytes(10)) + bytes(10**6), mtime=0))
+@example(data=gzip.compress(idx_bytes(2049, [3], [1, 10, 2]), mtime=0))    # a label above 9
 def test_read_idx_on_damaged_files_is_valid_or_data_error_in_bounded_time_and_memory(scratch, data):
     """Whatever a file holds, read_idx returns well-formed uint8 arrays or raises DataError naming
     the file, within a second and within MAX_IDX_BYTES of memory (plus a little): a damaged or
@@ -3670,6 +3705,120 @@ def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
     assert (out / "best.npz").read_bytes() == b"precious"
 
 
+TINY_RUN = ("--limit", "300", "--epochs", "1", "--hidden", "8", "--quiet")
+TINY_ENSEMBLE = ("--recipe", "best", *TINY_RUN)
+
+
+def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under folder, by relative path: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["run", "ensemble"])
+@pytest.mark.parametrize("holds, words", [
+    ({"ensemble.json": "{}"}, "already holds an ensemble; choose another --out, resume it with --resume, or"),
+    ({"ensemble.json": "{}", "metrics.json": "{}"}, "already holds an ensemble; choose another --out, or"),
+    ({"metrics.json": "{}"}, "already holds a finished run; choose another --out, or pass --force"),
+    ({"config.json": '{"my": "settings"}'}, "already holds config.json; choose another --out or pass --force"),
+], ids=["unfinished-ensemble", "finished-ensemble", "finished-run", "foreign-config"])
+def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_write(
+        tmp_path, capsys, kind, holds, words):
+    """Without --force neither a run nor an ensemble overwrites what is in --out: a run or an
+    ensemble (finished, or hours of an unfinished one) or a config.json that is not a run's.
+    Exit 1, one line saying what is there, and every file left as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in holds.items():
+        (out / name).write_text(text)
+    before = files_of(out)
+    argv = TINY_ENSEMBLE if kind == "ensemble" else TINY_RUN
+    assert fmnist.main(["train", *argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmnist: error: {out}: {words}") and err.count("\n") == 1, err
+    assert files_of(out) == before
+
+
+def test_a_runs_own_config_json_alone_is_not_protected(tmp_path):
+    """A run stopped before its first epoch leaves only its config.json: nothing to lose, so the
+    same command runs again without --force (and writes the new settings)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(Config(hidden=(4,)).to_json()))
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 0
+    saved = Config.from_json(json.loads((out / "config.json").read_text()))
+    assert saved.hidden == (8,) and (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", ""], ["train", "--resume", ""],
+                                  ["train", "--data-dir", ""], ["evaluate", ""], ["report", ""],
+                                  ["predict", "", "--test-index", "1"], ["download", "--data-dir", ""]],
+                         ids=" ".join)
+def test_an_empty_path_is_a_usage_error_not_the_current_directory(argv, capsys, tmp_path, monkeypatch):
+    """`--out "$OUT"` with OUT unset must not write a run into the current directory: an empty
+    path is refused (exit 2) before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        fmnist.main(argv)
+    assert stopped.value.code == 2
+    assert "expected a path, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_run_directories_started_in_the_same_second_are_distinct(tmp_path, monkeypatch):
+    """Without --out the directory is runs/<timestamp>, claimed by creating it: a second run (or
+    a third) started in the same second gets runs/<timestamp>-2 (-3), never a share of the first."""
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=None)
+    base = Path("runs") / "20260101-000000"
+    made = [fmnist._create_run_dir(base, args) for _ in range(3)]
+    assert made == [base, Path("runs/20260101-000000-2"), Path("runs/20260101-000000-3")]
+    assert all(path.is_dir() for path in made)
+    given = argparse.Namespace(out=base)                 # an explicit --out is used as it is
+    assert fmnist._create_run_dir(base, given) == base
+
+
+def test_not_enough_memory_is_one_line_not_a_traceback(capsys):
+    """A batch (or network) far beyond memory ends with `fmnist: error: not enough memory (...)`
+    and NumPy's account of what it could not allocate."""
+    assert fmnist.main(["gradcheck", "--batch", str(10**12)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist: error: not enough memory (Unable to allocate") and err.count("\n") == 1, err
+
+
+def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path):
+    """atomic_write writes through a hidden temporary file; when even that cannot be created,
+    the error names the file the caller wanted."""
+    target = tmp_path / "missing" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as failed:
+        fmnist.write_json(target, {"a": 1})
+    assert failed.value.filename == str(target) and ".tmp" not in str(failed.value)
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """A directory that exists but refuses files (a read-only mount, /sys) gets a sentence
+    naming it and what to do, not an errno and a temporary file's name."""
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(fmnist, "write_json", refuse)
+    out = tmp_path / "run"
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"fmnist: error: {out}: cannot write to the directory "
+                                       f"(Permission denied); choose another --out\n")
+
+
+def test_resume_refuses_a_config_json_that_is_not_the_states(tmp_path, capsys):
+    """The report a resumed run ends with reads config.json: one that disagrees with state.npz
+    is found before training, not after the last epoch."""
+    config = Config(hidden=(4,), limit=100)
+    fmnist.save_state(tmp_path / "state.npz", fmnist.initial_state(config), config, [])
+    (tmp_path / "config.json").write_text(json.dumps(Config(hidden=(5,), limit=100).to_json()))
+    assert fmnist.main(["train", "--resume", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"fmnist: error: {tmp_path / 'config.json'}: does not match "
+                                       f"the settings in state.npz; the run's files are not from "
+                                       f"one run\n")
+
+
 @pytest.mark.parametrize("changes, words", [
     ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
     ({"batch_size": 64.0}, "batch_size must be a whole number"),
@@ -3807,7 +3956,7 @@ def test_cli_ensemble_refuses_a_member_folder_that_holds_another_run(tmp_path):
     assert run_cli("train", *stranger, "--out", out / "best-bn").returncode == 0
     line = one_line_error(run_cli("train", "--recipe", "best", "--limit", 300, "--epochs", 1,
                                   "--hidden", 8, "--out", out), stdout=None)
-    assert f"{out / 'best-bn'}: already holds a run" in line, line
+    assert f"{out / 'best-bn'}: already holds a finished run" in line, line
     assert not (out / "ensemble.json").exists()
     members = {name: fmnist.RECIPES[name] for name in fmnist.ENSEMBLES["best"]}
     fmnist.write_json(out / "ensemble.json", {"recipe": "best", "members": {

@@ -324,10 +324,13 @@ def test_batch_norm_backward_removes_what_normalisation_cannot_change(case, data
 @given(case=small_networks(dropout=False, l2=False, batch_norm=True))
 def test_batch_norm_output_has_mean_b_and_standard_deviation_g_over_the_batch(case):
     """Each unit leaves batch norm with mean b and standard deviation |g| over the batch (a bit
-    less: sigma^2 / (sigma^2 + BN_EPS) of it), whatever the weights below: the point of it."""
+    less: sigma^2 / (sigma^2 + BN_EPS) of it), whatever the weights below: the point of it.
+    Z is rebuilt from the cache, so the test first checks that it is what forward fed the ReLU."""
     _, cache = fm.forward(case.params, case.x)
     for l, norm in enumerate(cache.norms, start=1):
         Z = norm.normalised * case.params[f"g{l}"] + case.params[f"b{l}"]   # the ReLU's input
+        np.testing.assert_array_equal(cache.gates[l - 1], Z > 0)
+        np.testing.assert_array_equal(cache.inputs[l], np.maximum(Z, 0))   # no dropout here
         np.testing.assert_allclose(Z.mean(axis=0), case.params[f"b{l}"], rtol=0, atol=1e-12)
         var = (cache.inputs[l - 1] @ case.params[f"W{l}"]).var(axis=0)
         expected = np.abs(case.params[f"g{l}"]) * np.sqrt(var / (var + fm.BN_EPS))
@@ -453,9 +456,10 @@ def test_log_softmax_is_the_log_of_softmax_but_never_minus_infinity(dtype, data)
 def test_cross_entropy_of_extreme_logits_is_finite_and_non_negative(dtype, data):
     """Cross-entropy is -mean(log p(true class)): >= 0 because probabilities are <= 1, and finite.
 
-    Finite, with a bound: -log p_y = log(sum_j exp(z_j - max)) + (max - z_y) <= log K + (max - z_y),
-    a sum of two finite numbers. A clipped implementation (log(max(p, 1e-12))) would instead cap
-    the loss at 27.6 and lose the gradient signal for confidently wrong predictions.
+    Finite, with bounds: -log p_y = log(sum_j exp(z_j - max)) + (max - z_y), and the sum holds
+    exp(0) = 1 and at most K terms, so max - z_y <= -log p_y <= log K + (max - z_y). A clipped
+    implementation (log(max(p, 1e-12))) would instead cap the loss at 27.6, below the lower
+    bound, and lose the gradient signal for confidently wrong predictions.
     """
     z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
     loss = fm.cross_entropy(z, labels)
@@ -464,7 +468,8 @@ def test_cross_entropy_of_extreme_logits_is_finite_and_non_negative(dtype, data)
     (B, K), rows = z.shape, np.arange(len(z))
     gap = (z.max(axis=1).astype(np.float64) - z[rows, labels].astype(np.float64)).mean()
     bound = gap + np.log(K)
-    assert loss <= bound + 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+    tolerance = 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+    assert gap - tolerance <= loss <= bound + tolerance
 
 
 @pytest.mark.parametrize("dtype, z, labels, expected_log_p", [
@@ -535,7 +540,8 @@ def test_smoothed_cross_entropy_is_smallest_at_finite_logits_where_softmax_is_th
 def test_cross_entropy_with_smoothing_of_extreme_logits_is_finite_and_bounded(dtype, data):
     """Smoothing adds e mean_k(-log p_k), which involves the *least* likely classes too, whose
     -log p (up to 2e300 in float64) a clipped or log(softmax) implementation would turn into inf.
-    Each -log p_k <= log K + (max - z_k), so the loss stays in [0, log K + mean sum_k T_k (max - z_k)].
+    Each -log p_k is in [max - z_k, log K + (max - z_k)] (see the test above), so the loss, the
+    mean of sum_k T_k (-log p_k), stays within log K above mean sum_k T_k (max - z_k), and not below.
     """
     z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
     smoothing = data.draw(st.floats(0.0, 1.0, exclude_max=True), label="smoothing")
@@ -544,8 +550,10 @@ def test_cross_entropy_with_smoothing_of_extreme_logits_is_finite_and_bounded(dt
     B, K = z.shape
     z64 = z.astype(np.float64)
     gaps = z64.max(axis=1, keepdims=True) - z64                          # (B, K), >= 0
-    bound = np.log(K) + (smoothed_targets(labels, K, smoothing) * gaps).sum(axis=1).mean()
-    assert loss <= bound + 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+    floor = (smoothed_targets(labels, K, smoothing) * gaps).sum(axis=1).mean()
+    bound = np.log(K) + floor
+    tolerance = 4 * (B + K) * np.finfo(dtype).eps * (1 + bound)
+    assert floor - tolerance <= loss <= bound + tolerance
 
 
 # ================================================================================================
@@ -599,7 +607,8 @@ def test_float32_logit_gradient_is_the_float64_one_but_for_the_flushed_tiny_numb
 
 @given(z_and_labels=logits_and_labels("float64", 20.0))
 def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels):
-    """d cross_entropy / d logits = (softmax(z) - onehot(y)) / B, checked by finite differences.
+    """d cross_entropy / d logits = (softmax(z) - onehot(y)) / B, checked by finite differences;
+    and backward's dL/dZ_L (logit_gradient) is that formula.
 
     This is the starting point of backward, derived once on paper:
         L = -(1/B) sum_b (z_{b,y_b} - log sum_j exp z_{b,j}),
@@ -618,6 +627,7 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels)
         numeric[b, k] = rise / (plus[b, k] - minus[b, k])
     atol = ROUNDING_SAFETY * EPS64 * max(1.0, fm.cross_entropy(z, labels)) / H
     np.testing.assert_allclose(numeric, expected, rtol=FD_RTOL, atol=atol)
+    np.testing.assert_allclose(logit_gradient(z, labels), expected, rtol=1e-12, atol=4 * EPS64 / B)
 
 
 def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
