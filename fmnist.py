@@ -137,7 +137,10 @@ class Config:
         return (NUM_INPUTS, *self.hidden, NUM_CLASSES)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"hidden": list(self.hidden)}
+        """The fields as JSON values (a NumPy scalar such as np.int64(3) becomes a plain 3)."""
+        plain = {k: v.item() if isinstance(v, np.generic) else v
+                 for k, v in dataclasses.asdict(self).items()}
+        return plain | {"hidden": [int(h) for h in self.hidden]}
 
     @classmethod
     def from_json(cls, d: Mapping) -> Config:
@@ -200,12 +203,12 @@ def check_config(c: Config) -> None:
         (c.lr_schedule in SCHEDULES,
          f"lr schedule must be one of {', '.join(SCHEDULES)}, got {c.lr_schedule!r}"),
         (0.0 <= c.flip <= 1.0, f"flip must be a probability in [0, 1], got {c.flip}"),
-        (isinstance(c.shift, int) and 0 <= c.shift <= MAX_SHIFT,
+        (_is_int(c.shift) and 0 <= c.shift <= MAX_SHIFT,
          f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {c.shift}"),
         (0.0 <= c.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {c.label_smoothing}"),
         (0.0 <= c.average < 1.0,
          f"average (the decay of the running average of weights) must be in [0, 1), got {c.average}"),
-        (isinstance(c.cutout, int) and 0 <= c.cutout <= IMAGE_SHAPE[0],
+        (_is_int(c.cutout) and 0 <= c.cutout <= IMAGE_SHAPE[0],
          f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, got {c.cutout}"),
         (0.0 <= c.input_dropout < 1.0, f"input dropout must be in [0, 1), got {c.input_dropout}"),
         (0.0 <= c.weight_decay and c.weight_decay * c.lr < 1.0,   # else a step flips signs
@@ -423,7 +426,7 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
     if not 0 < val_size < n:
         raise ValueError(f"val_size {val_size:,} must be at least 1 and smaller than the {n:,} "
                          f"images to split")
-    order = np.random.default_rng(seed).permutation(n)
+    order = _readonly(np.random.default_rng(seed).permutation(n))
     return order[:n - val_size], order[n - val_size:]
 
 
@@ -432,8 +435,14 @@ def normalise(images: np.ndarray, dtype: str = "float32") -> np.ndarray:
 
     A 256-entry lookup table does it in one gather, with the arithmetic done in float64 once.
     """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"images must be uint8 pixels of shape (N, 28, 28), got {images.dtype} "
+                         f"{images.shape}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     table = ((np.arange(256) / 255.0 - MEAN) / STD).astype(dtype)
-    return table[images.reshape(len(images), NUM_INPUTS)]   # (N, 784)
+    return _readonly(table[images.reshape(len(images), NUM_INPUTS)])   # (N, 784)
 
 
 class Splits(NamedTuple):
@@ -624,6 +633,13 @@ def mirror(x: np.ndarray) -> np.ndarray:
     return _readonly(np.ascontiguousarray(x.reshape(-1, *IMAGE_SHAPE)[:, :, ::-1]).reshape(x.shape))
 
 
+def check_images(x: np.ndarray) -> None:
+    """Raise ValueError unless x is a batch of flattened images, (B, 784) floats."""
+    if np.ndim(x) != 2 or np.shape(x)[1] != NUM_INPUTS or np.asarray(x).dtype.kind != "f":
+        raise ValueError(f"images must be a (batch, {NUM_INPUTS}) float array (normalise gives "
+                         f"one), got {np.asarray(x).dtype} {np.shape(x)}")
+
+
 def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0,
             cutout: int = 0, input_dropout: float = 0.0) -> np.ndarray:
     """A randomly altered copy of a batch of normalised images x (B, 784), for training.
@@ -636,8 +652,14 @@ def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: i
     set every epoch, which makes memorising harder. With everything off it returns x and draws
     nothing, so the report's recipe is untouched.
     """
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError(f"flip must be a probability in [0, 1], got {flip}")
+    if not (_is_int(shift) and 0 <= shift <= MAX_SHIFT):
+        raise ValueError(f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {shift}")
     if not (flip or shift or cutout or input_dropout):
         return x
+    check_images(x)
+    rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     B = len(x)
     images = x.reshape(B, *IMAGE_SHAPE)                               # (B, 28, 28)
     if flip:
@@ -663,16 +685,18 @@ def cut_out(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     (DeVries and Taylor, 2017). The square's centre is uniform over the 28 x 28 pixels, so near
     an edge only part of it falls inside the image. The network must then recognise an item
     from what is left of it, instead of leaning on a few pixels. A new array."""
-    if not (isinstance(size, (int, np.integer)) and 0 <= size <= IMAGE_SHAPE[0]):
+    if not (_is_int(size) and 0 <= size <= IMAGE_SHAPE[0]):
         raise ValueError(f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, "
                          f"got {size}")
+    check_images(x)
+    rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     B, r = len(x), np.arange(IMAGE_SHAPE[0])
     centre_row, centre_col = rng.integers(0, IMAGE_SHAPE[0], size=(2, B))           # (B,) each
     first_row, first_col = centre_row - size // 2, centre_col - size // 2
     rows = (r >= first_row[:, None]) & (r < first_row[:, None] + size)             # (B, 28)
     cols = (r >= first_col[:, None]) & (r < first_col[:, None] + size)             # (B, 28)
     hole = (rows[:, :, None] & cols[:, None, :]).reshape(B, NUM_INPUTS)            # (B, 784)
-    return np.where(hole, x.dtype.type(BACKGROUND), x)
+    return _readonly(np.where(hole, x.dtype.type(BACKGROUND), x))
 
 
 def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
@@ -682,8 +706,10 @@ def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndar
     A new array."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"input dropout must be in [0, 1), got {rate}")
+    check_images(x)
+    rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     keep = rng.random(x.shape, dtype=np.float32) >= rate                           # (B, 784) bool
-    return x * keep * (1.0 / (1.0 - rate))
+    return _readonly(x * keep * (1.0 / (1.0 - rate)))
 
 
 # ================================================================================================
@@ -692,9 +718,13 @@ def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndar
 
 def flat_order(names: Sequence[str]) -> list[str]:
     """The order of the arrays inside the flat vector: weight matrices first (W1, W2, ...), then
-    the rest (biases, and batch norm's scales), so that L2 and AdamW's decay apply to one
-    contiguous prefix."""
-    return sorted(names, key=lambda name: not is_weight(name))
+    the rest (b1, g1, b2, g2, ...), so that L2 and AdamW's decay apply to one contiguous prefix.
+    The order depends on the names only, not on the order a mapping lists them in: two Params
+    with the same names and shapes have the same layout, so their flat vectors line up."""
+    def key(name: str) -> tuple:
+        layer = name.lstrip("Wbg")
+        return not is_weight(name), int(layer) if layer.isdigit() else math.inf, name
+    return sorted(names, key=key)
 
 
 def is_weight(name: str) -> bool:
@@ -722,11 +752,12 @@ class Params(Mapping):
     read-only (it must be freshly allocated by the caller, who gives it up).
     """
 
-    __slots__ = ("_flat", "_arrays")
+    __slots__ = ("_flat", "_arrays", "_checked")
 
     def __init__(self, flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]):
         self._flat = _readonly(flat)
         self._arrays = split_flat(self._flat, shapes)
+        self._checked = False             # set by check_params: the names and shapes never change
 
     @property
     def flat(self) -> np.ndarray:
@@ -770,6 +801,26 @@ class Params(Mapping):
     def __repr__(self):
         shapes = ", ".join(f"{k}: {a.shape}" for k, a in self._arrays.items())
         return f"Params({shapes}; {self.flat.dtype})"
+
+
+def check_params(params: Mapping) -> None:
+    """Raise ValueError unless params is a network as init_params makes them: W1, b1, (g1), ...,
+    WL, bL, nothing else, each of the shape the layer sizes give it. (A misspelled "w2" would
+    otherwise make a shorter network without a word, and a (1,) bias would broadcast.)"""
+    if isinstance(params, Params) and params._checked:
+        return                            # (train_epoch's steps reuse one Params)
+    try:
+        sizes = layer_sizes_of(params)
+    except (KeyError, IndexError, TypeError):
+        sizes = None
+    actual = {k: np.shape(a) for k, a in params.items()}
+    expected = param_shapes(sizes, has_batch_norm(params)) if sizes else {}
+    if not sizes or actual != expected:
+        raise ValueError(f"parameters {actual} are not a network as init_params makes them"
+                         + (f"; a {_dashed(sizes)} one has {expected}" if sizes else
+                            " (W1, b1, W2, b2, ...)"))
+    if isinstance(params, Params):
+        params._checked = True
 
 
 def num_layers(params: Mapping) -> int:
@@ -932,11 +983,17 @@ class Cache(NamedTuple):
 
 
 def check_inputs(params: Mapping, x: np.ndarray, y: np.ndarray | None = None) -> None:
-    """Raise ValueError naming expected and actual shapes when a batch does not fit the network."""
+    """Raise ValueError naming expected and actual shapes when a batch does not fit the network
+    (or the network is not one: check_params), or is not of the network's dtype."""
+    check_params(params)
     n_in = params["W1"].shape[0]
     if np.ndim(x) != 2 or np.shape(x)[1] != n_in:
         hint = " (flatten images with x.reshape(len(x), -1))" if np.ndim(x) == 3 else ""
         raise ValueError(f"inputs must have shape (batch, {n_in}), got {np.shape(x)}{hint}")
+    if np.asarray(x).dtype != params["W1"].dtype:
+        raise ValueError(f"inputs are {np.asarray(x).dtype} but parameters are "
+                         f"{params['W1'].dtype}; make them the same dtype (normalise(images, "
+                         f"dtype) gives either)")
     if y is not None:
         check_labels(y, len(x), params[f"b{num_layers(params)}"].shape[0])
 
@@ -951,6 +1008,17 @@ def check_labels(y: np.ndarray, n: int, classes: int) -> None:
                          f"got {y.dtype} values {y.min()}..{y.max()}")
 
 
+def check_masks(masks: Sequence[np.ndarray], batch: int, hidden: Sequence[int]) -> None:
+    """Raise ValueError unless masks are one (batch, width) array per hidden layer, as
+    dropout_masks makes them (a single array or a (width,) mask would broadcast silently)."""
+    shapes = [np.shape(m) for m in masks] if isinstance(masks, (tuple, list)) else None
+    expected = [(batch, h) for h in hidden]
+    if shapes != expected:
+        raise ValueError(f"dropout masks must be a tuple of one array per hidden layer, shapes "
+                         f"{expected} (see dropout_masks), got "
+                         f"{shapes if shapes is not None else type(masks).__name__}")
+
+
 def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None = None
             ) -> tuple[np.ndarray, Cache]:
     """Logits (B, 10) for inputs x (B, 784), and the cache that `backward` needs.
@@ -960,6 +1028,8 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
     """
     check_inputs(params, x)
     L, normalise_batch = num_layers(params), has_batch_norm(params)
+    if masks is not None:
+        check_masks(masks, len(x), layer_sizes_of(params)[1:-1])
     A, inputs, gates, norms = x, [], [], []
     for l in range(1, L):
         Z = A @ params[f"W{l}"]                               # (B, n_l)
@@ -992,8 +1062,13 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 def softmax(z: np.ndarray) -> np.ndarray:
     """softmax(z) row-wise. Subtracting the row maximum first keeps exp() in (0, 1]."""
+    return _readonly(_softmax(z))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """softmax, writable: backward turns it into dL/dZ in place."""
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return np.divide(e, e.sum(axis=1, keepdims=True), out=e)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0) -> float:
@@ -1003,6 +1078,9 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0
     (1 - e) (-log p_true) + e mean_k(-log p_k): a network can no longer drive it to zero by
     growing its logits without bound, which keeps it from becoming overconfident.
     """
+    if len(logits) == 0:
+        raise ValueError("cross-entropy of zero examples is undefined")
+    check_labels(labels, len(logits), np.shape(logits)[1])
     log_p = log_softmax(logits)                               # (B, K)
     nll = -log_p[np.arange(len(labels)), labels]              # (B,)
     if smoothing:
@@ -1069,6 +1147,16 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     return a
 
 
+def check_cache(cache: Cache, params: Mapping) -> None:
+    """Raise ValueError unless cache is what forward(params, ...) returns: one input per layer
+    of the right width, and batch norm's statistics exactly when the network has batch norm."""
+    sizes, norms = layer_sizes_of(params), len(layer_sizes_of(params)) - 2
+    widths = [np.shape(a)[1:] for a in cache.inputs]
+    if widths != [(n,) for n in sizes[:-1]] or len(cache.norms) != norms * has_batch_norm(params):
+        raise ValueError(f"the cache does not come from forward on these parameters (a "
+                         f"{_dashed(sizes)} network{' with batch norm' * has_batch_norm(params)})")
+
+
 def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
              smoothing: float = 0.0) -> Params:
     """Gradients of `total_loss` with respect to every parameter, same keys and shapes as params.
@@ -1095,13 +1183,15 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     multiplied through the weights become *subnormal* numbers that slow the CPU. They are 10^15
     times smaller than the O(1/B) entries beside them, so the gradient does not change.
     """
+    check_params(params)
     L = num_layers(params)
     B = cache.logits.shape[0]
+    check_cache(cache, params)
     check_labels(labels, B, cache.logits.shape[1])
     shapes = {k: np.shape(a) for k, a in params.items()}
     flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
-    dZ = softmax(cache.logits)                                # (B, 10)
+    dZ = _softmax(cache.logits)                               # (B, 10)
     if smoothing:
         dZ -= smoothing / dZ.shape[1]
     dZ[np.arange(B), labels] -= 1.0 - smoothing
@@ -1283,6 +1373,13 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     if not (0.0 <= weight_decay and weight_decay * lr < 1.0):
         raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, got weight "
                          f"decay {weight_decay} and lr {lr}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    if not 0.0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    if not (_is_int(state.step) and state.step >= 0):
+        raise ValueError(f"Adam state's step must be a whole number >= 0, got {state.step!r}")
     params, grads = Params.from_arrays(params), Params.from_arrays(grads)
     if grads.shapes != params.shapes:
         raise ValueError(f"gradients {grads.shapes} do not match parameters {params.shapes}")
@@ -1410,10 +1507,9 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     and what is returned is read-only.
     """
     check_inputs(params, x, y)
+    if len(y) == 0:
+        raise ValueError("an epoch needs at least one training example, got none")
     params = Params.from_arrays(params)
-    if x.dtype != params.flat.dtype:
-        raise ValueError(f"inputs are {x.dtype} but parameters are {params.flat.dtype}; "
-                         f"make them the same dtype")
     check_adam_state(opt_state, params)
     shapes, hidden, n_w = params.shapes, layer_sizes_of(params)[1:-1], params.num_weights
     p, m, v = params.flat.copy(), opt_state.m.flat.copy(), opt_state.v.flat.copy()  # ours
@@ -1556,6 +1652,11 @@ class Evaluation(NamedTuple):
 EVAL_CHUNK = 2048   # rows per forward pass: big enough for fast GEMMs, small enough for the cache
 
 
+def check_chunk(chunk: int) -> None:
+    if not (_is_int(chunk) and chunk >= 1):
+        raise ValueError(f"chunk (rows per pass) must be a whole number >= 1, got {chunk!r}")
+
+
 def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
                    flip_average: bool = False) -> np.ndarray:
     """Logits (N, 10) without dropout, computed `chunk` rows at a time to bound memory.
@@ -1566,11 +1667,12 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     average, so argmax, softmax and cross_entropy work on them unchanged.
     """
     check_inputs(params, x)
+    check_chunk(chunk)
     if has_batch_norm(params):
         raise ValueError("a network with batch norm predicts through its plain equivalent: "
                          "pass fold_batch_norm(params, x_train) (fit does this every epoch)")
     logits = np.concatenate([_inference(params, x[i:i + chunk]) for i in range(0, len(x), chunk)]
-                            or [np.empty((0, NUM_CLASSES))])
+                            or [np.empty((0, layer_sizes_of(params)[-1]), x.dtype)])
     if not flip_average:
         return _readonly(logits)
     mirrored = predict_logits(params, mirror(x), chunk)
@@ -1611,6 +1713,7 @@ def fold_batch_norm(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK) -> 
     predict) then sees an ordinary network.
     """
     check_inputs(params, x)
+    check_chunk(chunk)
     if not has_batch_norm(params):
         raise ValueError("fold_batch_norm needs a network with batch norm (scales g1, g2, ...)")
     if len(x) == 0:
@@ -1644,7 +1747,7 @@ def ensemble_logits(models: Sequence[Mapping], x: np.ndarray, flip_average: bool
     (their log), like `predict_logits` with flip_average. Members that err differently (the
     "best" ensemble's are differently regularised) are rarely all wrong on the same image, so
     the average is wrong less often than a typical member."""
-    return log_mean_softmax([predict_logits(p, x, chunk, flip_average) for p in models])
+    return _readonly(log_mean_softmax([predict_logits(p, x, chunk, flip_average) for p in models]))
 
 
 def class_probabilities(params: Mapping | Sequence[Mapping], images: np.ndarray, dtype: str,
@@ -1652,7 +1755,7 @@ def class_probabilities(params: Mapping | Sequence[Mapping], images: np.ndarray,
     """uint8 images (N, 28, 28) -> class probabilities (N, 10), normalised as in training.
     `params` may also be a list of networks, an ensemble (see ensemble_logits)."""
     logits = model_logits(_members(params), normalise(images, dtype), flip_average)
-    return softmax(logits.astype(np.float64))
+    return softmax(logits.astype(np.float64))                 # (N, 10), read-only
 
 
 def _members(params: Mapping | Sequence[Mapping]) -> list[Mapping]:
@@ -1687,12 +1790,17 @@ def evaluate(params: Mapping | Sequence[Mapping], x: np.ndarray, y: np.ndarray,
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int = NUM_CLASSES) -> np.ndarray:
     """C[i, j] = how many examples of true class i were predicted as class j."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     for name, a in (("true labels", y_true), ("predictions", y_pred)):
-        if np.size(a) and not 0 <= np.min(a) <= np.max(a) < k:
-            raise ValueError(f"{name} must be classes 0..{k - 1}, got values {np.min(a)}..{np.max(a)}")
-    if np.shape(y_true) != np.shape(y_pred):
-        raise ValueError(f"true labels {np.shape(y_true)} and predictions {np.shape(y_pred)} differ in shape")
-    return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise ValueError(f"{name} must be a 1-D array of integer classes, got {a.dtype} "
+                             f"{a.shape}")
+        if a.size and not 0 <= a.min() <= a.max() < k:
+            raise ValueError(f"{name} must be classes 0..{k - 1}, got values {a.min()}..{a.max()}")
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"true labels {y_true.shape} and predictions {y_pred.shape} differ in shape")
+    pairs = y_true.astype(np.int64) * k + y_pred                  # (N,), no uint8 overflow
+    return _readonly(np.bincount(pairs, minlength=k * k).reshape(k, k))
 
 
 class ClassMetrics(NamedTuple):
@@ -1706,13 +1814,18 @@ class ClassMetrics(NamedTuple):
 
 def per_class_metrics(confusion: np.ndarray) -> ClassMetrics:
     """precision = TP / predicted, recall = TP / actual, F1 = their harmonic mean; 0 where undefined."""
+    confusion = np.asarray(confusion)
+    if (confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]
+            or confusion.dtype.kind not in "iu" or (confusion.size and confusion.min() < 0)):
+        raise ValueError(f"a confusion matrix is a square matrix of counts (confusion_matrix "
+                         f"gives one), got {confusion.dtype} {confusion.shape}")
     tp = np.diag(confusion).astype(float)
     predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return ClassMetrics(precision, recall, f1, actual)
+    return ClassMetrics(*map(_readonly, (precision, recall, f1, actual)))
 
 
 def top_confusions(confusion: np.ndarray, n: int = 6) -> list[tuple[int, int, int, int]]:
@@ -1768,7 +1881,10 @@ def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -
     Only what load_checkpoint accepts is written: the plain network of the config (a batch-norm
     network folded first, see fold_batch_norm), in its dtype, all finite."""
     check_params_fit(params, config.layer_sizes, "save_checkpoint")
-    if set(params) != set(param_shapes(config.layer_sizes)):
+    if "format" in extra or "config" in extra:
+        raise ValueError("save_checkpoint: format and config are written by save_checkpoint "
+                         "itself; pass other names for extra metadata")
+    if {k: np.shape(a) for k, a in params.items()} != param_shapes(config.layer_sizes):
         raise CheckpointError(f"save_checkpoint: parameters {sorted(params)} are not a plain "
                               f"{_dashed(config.layer_sizes)} network (fold batch norm first)")
     for name, a in params.items():
@@ -2369,7 +2485,7 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     background = Image.new("RGBA", img.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
     gray = np.asarray(Image.alpha_composite(background, img).convert("L"))   # (H, W) uint8
-    return 255 - gray if invert else gray
+    return _readonly(255 - gray) if invert else gray
 
 
 def _sixteen_bit(img: Any) -> bool:
@@ -2412,7 +2528,7 @@ def to_fashion_mnist(gray: np.ndarray) -> np.ndarray:
     out = np.zeros(IMAGE_SHAPE, np.uint8)                                  # (28, 28)
     top, left = (IMAGE_SHAPE[0] - size[1] + 1) // 2, (IMAGE_SHAPE[1] - size[0] + 1) // 2
     out[top:top + size[1], left:left + size[0]] = np.clip(np.rint(small), 0, 255)
-    return out
+    return _readonly(out)
 
 
 def looks_inverted(gray: np.ndarray) -> bool:
@@ -2451,7 +2567,10 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
-        if saved:
+        if args.member:                                      # the ensemble says how to go on
+            print(f"\ninterrupted {f'after epoch {saved}' if saved else 'before epoch 1'} was "
+                  f"saved", file=sys.stderr)
+        elif saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
                   f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
         else:
@@ -2541,8 +2660,9 @@ def _check_ensemble_dir(args: argparse.Namespace, members: Mapping[str, Config] 
                                       f"ensemble again with --force")
         return out, members
     out = _new_run_dir(args)
-    for folder in (out, *(out / name for name in members)):   # before anything is written
-        _refuse_to_overwrite(folder, args.force)
+    if args.out is not None:                         # (the default is claimed fresh, see below)
+        for folder in (out, *(out / name for name in members)):   # before anything is written
+            _refuse_to_overwrite(folder, args.force)
     return out, dict(members)
 
 
@@ -2579,7 +2699,8 @@ def _train_members(args: argparse.Namespace, out: Path, todo: Mapping[str, Confi
             started = resume and (out / name / "state.npz").exists()
             member_args = argparse.Namespace(
                 data_dir=args.data_dir, out=out / name, force=args.force,
-                resume=out / name if started else None, recipe=None, quiet=args.quiet or jobs > 1)
+                resume=out / name if started else None, recipe=None, quiet=args.quiet or jobs > 1,
+                member=name)
             futures[name] = pool.submit(_train_member, name, member_args, config)
         try:
             codes = {name: future.result() for name, future in futures.items()}
@@ -2632,6 +2753,9 @@ def _train_member(name: str, args: argparse.Namespace, config: Config) -> int:
     except (FmnistError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:
+        print(f"error: {_not_enough_memory(e)}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stdout.flush()
@@ -2676,7 +2800,8 @@ def _check_run_dir(args: argparse.Namespace, config: Config
                                   f"state.npz; the run's files are not from one run")
         return out, state, history, config
     out = _new_run_dir(args)
-    _refuse_to_overwrite(out, args.force)
+    if args.out is not None:              # the default runs/<timestamp> is claimed fresh
+        _refuse_to_overwrite(out, args.force)
     return out, None, [], config
 
 
@@ -2693,8 +2818,9 @@ def _refuse_to_overwrite(out: Path, force: bool) -> None:
             raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
                                   f"{resume}or pass --force to overwrite it")
     present = [name for name in RUN_FILES if (out / name).exists()]
-    if present == ["config.json"] and _holds_config(out):
-        return                        # a run stopped before its first epoch: nothing to lose
+    if present[:1] == ["config.json"] and set(present) <= {"config.json", "best.npz"} \
+            and _holds_config(out):
+        return      # a run stopped before its first epoch was saved: nothing to lose or resume
     if present:
         raise CheckpointError(f"{out}: already holds {', '.join(present)}; choose another --out "
                               f"or pass --force to overwrite them")
@@ -2711,7 +2837,8 @@ def _resumable_dir(args: argparse.Namespace, what: str) -> Path:
     if what == "run" and not (out / "state.npz").exists():
         if (out / "config.json").exists():
             raise CheckpointError(f"{out}: stopped before its first epoch was saved, so there "
-                                  f"is nothing to resume; start it again with --out {_shell(out)}")
+                                  f"is nothing to resume; start it again with the command that "
+                                  f"started it (its settings are in config.json)")
         raise CheckpointError(f"{out}: no state.npz, so no run to resume here; --resume takes "
                               f"the directory a `train` run wrote")
     return out
@@ -3104,6 +3231,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last saved epoch, "
                             "with its stored settings (the result is bit-identical)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(member=None)       # the name of an ensemble's member (set by run_ensemble)
     evaluate_cmd = add_command("evaluate", help="evaluate a saved checkpoint or an ensemble",
                                        description="Print the full evaluation of a checkpoint, or "
                                                    "of several as an ensemble.",
@@ -3220,6 +3348,11 @@ def check_resume_flags(args: argparse.Namespace) -> None:
                          "with it")
 
 
+def _not_enough_memory(e: MemoryError) -> str:
+    """One line for a MemoryError; NumPy's own message says what it could not allocate."""
+    return f"not enough memory ({e or 'allocation failed'}); try a smaller network or batch"
+
+
 def _shell(path: str | Path) -> str:
     """A path as it must be typed in a shell command (quoted if it has spaces and the like)."""
     return shlex.quote(str(path))
@@ -3271,9 +3404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FmnistError, ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    except MemoryError as e:            # NumPy's says what it could not allocate
-        print(f"{parser.prog}: error: not enough memory ({e or 'allocation failed'}); try a "
-              f"smaller network or batch", file=sys.stderr)
+    except MemoryError as e:
+        print(f"{parser.prog}: error: {_not_enough_memory(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -357,6 +357,135 @@ def test_params_mapping_cannot_be_assigned_to():
     assert not isinstance(p, dict) and len(p) == 4
 
 
+def _misspelled(params):
+    d = dict(params)
+    d["w2"] = d.pop("W2")
+    return d
+
+
+def _with_cache_of(params, other):
+    """backward(params, cache of forward(other, x), y)."""
+    _, x, y, _ = _setup()
+    return lambda: backward(params, forward(other, x)[1], y)
+
+
+def _api_misuse():
+    """(call, the words of its ValueError) for arguments a user can plausibly get wrong: each
+    would otherwise give a silently wrong result or a deep NumPy error."""
+    params, x, y, masks = _setup()
+    bn = init_params((12, 8, 6, 4), seed=1, dtype="float64", batch_norm=True)
+    images = np.random.default_rng(0).normal(size=(3, 784))
+    rng = np.random.default_rng(0)
+    state = adam_init(params)
+    grads = backward(params, forward(params, x)[1], y)
+    return {
+        "misspelled weight": (lambda: predict_logits(_misspelled(params), x), "not a network as init_params"),
+        "bias of the wrong shape": (lambda: evaluate({**params, "b3": np.zeros(1)}, x, y), "not a network"),
+        "float32 inputs, float64 network": (lambda: forward(params, x.astype(np.float32)),
+                                            "inputs are float32 but parameters are float64"),
+        "uint8 pixels": (lambda: evaluate(params, np.zeros((10, 12), np.uint8), y), "inputs are uint8"),
+        "one mask for two layers": (lambda: forward(params, x, masks[0]), "dropout masks must be a tuple"),
+        "mask of one row": (lambda: forward(params, x, [m[:1] for m in masks]), "dropout masks"),
+        "cache without batch norm": (_with_cache_of(bn, fmnist.fold_batch_norm(bn, x)), "the cache does not"),
+        "cache with batch norm": (_with_cache_of(params, bn), "the cache does not"),
+        "label -1": (lambda: fmnist.total_loss(params, x, np.r_[y[:-1], -1]), "labels must be integers in 0..3"),
+        "fewer labels": (lambda: fmnist.cross_entropy(forward(params, x)[0], y[:1]), "labels must have shape (10,)"),
+        "no examples": (lambda: fmnist.cross_entropy(np.zeros((0, 4)), y[:0]), "zero examples"),
+        "chunk 0": (lambda: predict_logits(params, x, 0), "chunk"),
+        "chunk -1": (lambda: fmnist.fold_batch_norm(bn, x, -1), "chunk"),
+        "one flat image": (lambda: fmnist.cut_out(images[0], rng, 4), "(batch, 784)"),
+        "flip -0.5": (lambda: fmnist.augment(images, rng, flip=-0.5), "flip must be a probability"),
+        "shift 30": (lambda: fmnist.augment(images, rng, shift=30), "shift must be a whole number"),
+        "beta1 1": (lambda: adam_step(params, grads, state, beta1=1.0), "beta1 must be in [0, 1)"),
+        "eps -1": (lambda: adam_step(params, grads, state, eps=-1.0), "eps must be > 0"),
+        "step -1": (lambda: adam_step(params, grads, state._replace(step=-1)), "step must be"),
+        "empty epoch": (lambda: train_epoch(params, state, x[:0], y[:0]), "at least one training example"),
+        "float labels": (lambda: confusion_matrix(np.array([1.0]), np.array([1])), "integer classes"),
+        "one-hot labels": (lambda: confusion_matrix(np.eye(3, dtype=int), np.eye(3, dtype=int)), "1-D"),
+        "non-square confusion": (lambda: per_class_metrics(np.ones((2, 3), int)), "square matrix of counts"),
+        "int8 images": (lambda: normalise(np.full((1, 28, 28), -1, np.int8)), "uint8 pixels"),
+        "float16": (lambda: normalise(np.zeros((1, 28, 28), np.uint8), "float16"), "dtype must be one of"),
+    }
+
+
+@pytest.mark.parametrize("case", _api_misuse())
+def test_misused_functions_say_what_is_wrong(case):
+    call, words = _api_misuse()[case]
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call()
+
+
+def test_the_order_a_mapping_lists_parameters_in_changes_nothing():
+    """Params lays its flat vector out by name, not by the mapping's order: a dict of the same
+    arrays listed in another order gets the same Adam step and running average, number for
+    number (a layout in the dict's order would pair W2's numbers with W1's gradients)."""
+    params, x, y, _ = _setup()
+    shuffled = {k: params[k] for k in ["W3", "b2", "W1", "b3", "W2", "b1"]}
+    grads = backward(params, forward(params, x)[1], y)
+    state = adam_init(params)
+    expected, _ = adam_step(params, grads, state)
+    got, _ = adam_step(shuffled, grads, state)
+    assert all(np.array_equal(got[k], expected[k]) for k in params)
+    average = fmnist.average_params(Params.from_arrays(shuffled), Params.from_arrays(params), 0.5)
+    assert all(np.array_equal(average[k], params[k]) for k in params)
+
+
+def test_augmentations_take_a_seed_or_a_generator_alike():
+    """augment, cut_out and drop_pixels take a seed or a Generator, as dropout_masks does: the
+    same seed gives the same images either way."""
+    images = np.random.default_rng(0).normal(size=(4, 784))
+    for call in (lambda r: fmnist.augment(images, r, flip=0.5, shift=2, cutout=4, input_dropout=0.2),
+                 lambda r: fmnist.cut_out(images, r, 6), lambda r: fmnist.drop_pixels(images, r, 0.3)):
+        assert np.array_equal(call(np.int64(7)), call(np.random.default_rng(7)))
+
+
+def test_config_with_numpy_numbers_saves_as_plain_json(tmp_path):
+    """Config accepts NumPy integers (a value taken from an array); they are saved as JSON
+    numbers and load back equal."""
+    config = Config(hidden=(np.int64(8),), seed=np.int64(3), shift=np.int64(1), limit=100)
+    params = init_params(config.layer_sizes, 0)
+    save_checkpoint(tmp_path / "c.npz", params, config)
+    _, loaded, _ = load_checkpoint(tmp_path / "c.npz")
+    assert loaded == config and loaded.to_json() == json.loads(json.dumps(config.to_json()))
+
+
+def test_save_checkpoint_writes_only_what_load_checkpoint_reads(tmp_path):
+    """A bias of the wrong shape, or extra metadata named like the format or the config, is
+    refused at saving, not found later by load_checkpoint."""
+    config = Config(hidden=(8,), limit=100)
+    params = init_params(config.layer_sizes, 0)
+    with pytest.raises(CheckpointError, match="not a plain 784-8-10 network"):
+        save_checkpoint(tmp_path / "a.npz", {**params, "b1": np.zeros((1, 8), np.float32)}, config)
+    with pytest.raises(ValueError, match="format and config are written by save_checkpoint"):
+        save_checkpoint(tmp_path / "b.npz", params, config, format="x")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["normalise", "cut_out", "drop_pixels", "softmax", "split_indices",
+                                  "confusion_matrix", "per_class_metrics", "ensemble_logits",
+                                  "class_probabilities"])
+def test_more_functions_return_read_only_arrays(name):
+    """The rest of the public functions that return arrays return them read-only too."""
+    params, x, y, _ = _setup()
+    images = np.random.default_rng(0).normal(size=(3, 784))
+    net = init_params((784, 8, 10), 0, "float64")
+    pixels = np.zeros((2, 28, 28), np.uint8)
+    out = {"normalise": lambda: normalise(pixels),
+           "cut_out": lambda: fmnist.cut_out(images, 0, 4),
+           "drop_pixels": lambda: fmnist.drop_pixels(images, 0, 0.5),
+           "softmax": lambda: fmnist.softmax(x),
+           "split_indices": lambda: split_indices(10, 3, 0),
+           "confusion_matrix": lambda: confusion_matrix(y, y, 4),
+           "per_class_metrics": lambda: per_class_metrics(confusion_matrix(y, y, 4)),
+           "ensemble_logits": lambda: fmnist.ensemble_logits([params, params], x),
+           "class_probabilities": lambda: fmnist.class_probabilities(net, pixels, "float64")}[name]()
+    arrays = list(out) if isinstance(out, tuple) else [out]
+    assert arrays
+    for a in arrays:
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+
+
 # ================================================================================================
 # Adam
 # ================================================================================================
@@ -1648,24 +1777,26 @@ def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path
 
 def test_cli_run_and_ensemble_directories_that_are_not_ready_say_what_to_do(ensemble_run, tmp_path):
     """A run stopped before its first epoch (config.json only) has nothing to resume: say to
-    start it again, with the path quoted so the command can be pasted (nothing is lost, so no
-    --force is needed). An ensemble whose member has not finished is not evaluated, asked or
-    reported on: say which member and how to continue. A damaged ensemble.json is called that,
-    not a missing one."""
-    early = tmp_path / "early run"
+    start it again (nothing is lost, so no --force is needed). An ensemble whose member has not
+    finished is not evaluated, asked or reported on: say which member and how to continue, with
+    the path quoted so the command can be pasted. A damaged ensemble.json is called that, not a
+    missing one."""
+    early = tmp_path / "early"
     early.mkdir()
     (early / "config.json").write_text(json.dumps(Config().to_json()))
     line = one_line_error(run_cli("train", "--resume", early), stdout=None)
     assert "stopped before its first epoch" in line, line
-    assert line.endswith(f"start it again with --out '{early}'"), line
+    assert line.endswith("start it again with the command that started it (its settings are in "
+                         "config.json)"), line
     out, _ = ensemble_run
-    unfinished = shutil.copytree(out, tmp_path / "ens")
+    unfinished = shutil.copytree(out, tmp_path / "an ensemble")
     (unfinished / "best-shift" / "metrics.json").unlink()
     written = (unfinished / "best-bn" / "report.md").stat().st_mtime_ns
     for argv in (["evaluate", unfinished], ["predict", unfinished, "--test-index", 1],
                  ["report", unfinished]):
         line = one_line_error(run_cli(*argv), stdout=None)
-        assert "has not finished (best-shift still training)" in line and "--resume" in line, line
+        assert "has not finished (best-shift still training)" in line, line
+        assert line.endswith(f"continue it with `python fmnist.py train --resume '{unfinished}'`"), line
     assert (unfinished / "best-bn" / "report.md").stat().st_mtime_ns == written   # not rewritten
     (unfinished / "ensemble.json").write_text("{ not json")
     line = one_line_error(run_cli("evaluate", unfinished), stdout=None)
@@ -2165,7 +2296,8 @@ def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
     if returncode == 0:
         pytest.skip("the ensemble finished before it could be interrupted")
     assert returncode == 130, stderr
-    assert f"train --resume {out}" in stderr
+    assert f"  python fmnist.py train --resume {out}" in stderr.splitlines()    # the ensemble's
+    assert f"--resume {out / 'best-bn'}" not in stderr         # not a member's own, which --out refuses
     assert not (out / "metrics.json").exists()
     resumed = run_cli("train", "--resume", out)
     assert resumed.returncode == 0, resumed.stderr
@@ -3739,12 +3871,16 @@ def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_wri
     assert files_of(out) == before
 
 
-def test_a_runs_own_config_json_alone_is_not_protected(tmp_path):
-    """A run stopped before its first epoch leaves only its config.json: nothing to lose, so the
-    same command runs again without --force (and writes the new settings)."""
+@pytest.mark.parametrize("best", [False, True], ids=["config.json", "config.json and best.npz"])
+def test_a_run_stopped_before_its_first_epoch_was_saved_is_not_protected(tmp_path, best):
+    """A run stopped before its first epoch was saved leaves its config.json (and, stopped
+    between the two saves of epoch 1, a best.npz but no state.npz): nothing to resume or lose,
+    so the same command runs again without --force (and writes the new settings)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(Config(hidden=(4,)).to_json()))
+    if best:
+        (out / "best.npz").write_bytes(b"epoch 1")
     assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 0
     saved = Config.from_json(json.loads((out / "config.json").read_text()))
     assert saved.hidden == (8,) and (out / "metrics.json").exists()
@@ -3776,6 +3912,22 @@ def test_default_run_directories_started_in_the_same_second_are_distinct(tmp_pat
     assert all(path.is_dir() for path in made)
     given = argparse.Namespace(out=base)                 # an explicit --out is used as it is
     assert fmnist._create_run_dir(base, given) == base
+
+
+def test_runs_started_in_the_same_second_without_out_each_get_a_directory(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Two runs and an ensemble, all started in the same second without --out: each trains in
+    a directory of its own (runs/<timestamp>, -2, -3); none is refused or written over."""
+    data = str(DATA)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "20260101-000000")
+    for argv in (TINY_RUN, TINY_RUN, TINY_ENSEMBLE):
+        assert fmnist.main(["train", *argv, "--data-dir", data]) == 0, capsys.readouterr().err
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "20260101-000000", "20260101-000000-2", "20260101-000000-3"]
+    assert all((runs / name / "metrics.json").exists() for name in os.listdir(runs))
+    assert (runs / "20260101-000000-3" / "ensemble.json").exists()
 
 
 def test_not_enough_memory_is_one_line_not_a_traceback(capsys):

@@ -67,7 +67,7 @@ for row in ${@:-0 0b 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
     mkdir -p runs/ablation
     if [ -f "$out/metrics.json" ]; then          # finished before: keep it (delete it to redo)
         echo "  already done in $out"
-    elif [ -f "$out/state.npz" ]; then           # interrupted: continue it, bit for bit
+    elif [ -f "$out/state.npz" ] || [ -f "$out/ensemble.json" ]; then   # interrupted: continue it, bit for bit
         python fmnist.py train --resume "$out" --quiet > "$out.log.part"   # set -e stops on failure
         mv "$out.log.part" "$out.log"
     else
