@@ -125,6 +125,10 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) if _is_int(h) else h for h in self.hidden))
+        for field in dataclasses.fields(self):      # np.float32(1e-3) -> the float it is: what
+            value = getattr(self, field.name)       # trains is then exactly what config.json says
+            if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+                object.__setattr__(self, field.name, value.item())
         check_config(self)
 
     @property
@@ -137,10 +141,7 @@ class Config:
         return (NUM_INPUTS, *self.hidden, NUM_CLASSES)
 
     def to_json(self) -> dict:
-        """The fields as JSON values (a NumPy scalar such as np.int64(3) becomes a plain 3)."""
-        plain = {k: v.item() if isinstance(v, np.generic) else v
-                 for k, v in dataclasses.asdict(self).items()}
-        return plain | {"hidden": [int(h) for h in self.hidden]}
+        return dataclasses.asdict(self) | {"hidden": list(self.hidden)}
 
     @classmethod
     def from_json(cls, d: Mapping) -> Config:
@@ -439,7 +440,7 @@ def normalise(images: np.ndarray, dtype: str = "float32") -> np.ndarray:
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"images must be uint8 pixels of shape (N, 28, 28), got {images.dtype} "
                          f"{images.shape}")
-    if dtype not in DTYPES:
+    if np.dtype(dtype).name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     table = ((np.arange(256) / 255.0 - MEAN) / STD).astype(dtype)
     return _readonly(table[images.reshape(len(images), NUM_INPUTS)])   # (N, 784)
@@ -809,16 +810,24 @@ def check_params(params: Mapping) -> None:
     otherwise make a shorter network without a word, and a (1,) bias would broadcast.)"""
     if isinstance(params, Params) and params._checked:
         return                            # (train_epoch's steps reuse one Params)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"parameters must be a mapping of names to arrays (init_params makes "
+                         f"one), got {type(params).__name__}")
+    missing = ""
     try:
         sizes = layer_sizes_of(params)
-    except (KeyError, IndexError, TypeError):
+    except KeyError as e:                 # a gap in W1, W2, ...: name the first missing
+        sizes, missing = None, f"; {e.args[0]} is missing"
+    except (IndexError, TypeError):
         sizes = None
     actual = {k: np.shape(a) for k, a in params.items()}
     expected = param_shapes(sizes, has_batch_norm(params)) if sizes else {}
     if not sizes or actual != expected:
+        odd = sorted(set(actual) ^ set(expected))
         raise ValueError(f"parameters {actual} are not a network as init_params makes them"
                          + (f"; a {_dashed(sizes)} one has {expected}" if sizes else
-                            " (W1, b1, W2, b2, ...)"))
+                            f" (W1, b1, W2, b2, ...){missing}")
+                         + (f" (names missing or extra: {', '.join(odd)})" if sizes and odd else ""))
     if isinstance(params, Params):
         params._checked = True
 
@@ -1078,6 +1087,8 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0
     (1 - e) (-log p_true) + e mean_k(-log p_k): a network can no longer drive it to zero by
     growing its logits without bound, which keeps it from becoming overconfident.
     """
+    if np.ndim(logits) != 2:
+        raise ValueError(f"logits must be a (batch, classes) array, got shape {np.shape(logits)}")
     if len(logits) == 0:
         raise ValueError("cross-entropy of zero examples is undefined")
     check_labels(labels, len(logits), np.shape(logits)[1])
@@ -2573,7 +2584,8 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
         elif saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
                   f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
-        else:
+        else:                     # a best.npz without state.npz: this run's, and of no use
+            (out / "best.npz").unlink(missing_ok=True)
             print("\ninterrupted before the first epoch was saved; nothing to resume "
                   "(run the same command again)", file=sys.stderr)
         return 130
@@ -2818,8 +2830,7 @@ def _refuse_to_overwrite(out: Path, force: bool) -> None:
             raise CheckpointError(f"{out}: already holds {what}; choose another --out, "
                                   f"{resume}or pass --force to overwrite it")
     present = [name for name in RUN_FILES if (out / name).exists()]
-    if present[:1] == ["config.json"] and set(present) <= {"config.json", "best.npz"} \
-            and _holds_config(out):
+    if present == ["config.json"] and _holds_config(out):
         return      # a run stopped before its first epoch was saved: nothing to lose or resume
     if present:
         raise CheckpointError(f"{out}: already holds {', '.join(present)}; choose another --out "

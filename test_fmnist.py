@@ -379,8 +379,9 @@ def _api_misuse():
     state = adam_init(params)
     grads = backward(params, forward(params, x)[1], y)
     return {
-        "misspelled weight": (lambda: predict_logits(_misspelled(params), x), "not a network as init_params"),
+        "misspelled weight": (lambda: predict_logits(_misspelled(params), x), "W2 is missing"),
         "bias of the wrong shape": (lambda: evaluate({**params, "b3": np.zeros(1)}, x, y), "not a network"),
+        "an extra array": (lambda: forward({**params, "b4": np.zeros(4)}, x), "names missing or extra: b4"),
         "float32 inputs, float64 network": (lambda: forward(params, x.astype(np.float32)),
                                             "inputs are float32 but parameters are float64"),
         "uint8 pixels": (lambda: evaluate(params, np.zeros((10, 12), np.uint8), y), "inputs are uint8"),
@@ -405,6 +406,8 @@ def _api_misuse():
         "non-square confusion": (lambda: per_class_metrics(np.ones((2, 3), int)), "square matrix of counts"),
         "int8 images": (lambda: normalise(np.full((1, 28, 28), -1, np.int8)), "uint8 pixels"),
         "float16": (lambda: normalise(np.zeros((1, 28, 28), np.uint8), "float16"), "dtype must be one of"),
+        "a list of networks": (lambda: forward([params, params], x), "parameters must be a mapping"),
+        "1-D logits": (lambda: fmnist.cross_entropy(np.zeros(4), y[:1]), "logits must be a (batch, classes)"),
     }
 
 
@@ -440,9 +443,12 @@ def test_augmentations_take_a_seed_or_a_generator_alike():
 
 
 def test_config_with_numpy_numbers_saves_as_plain_json(tmp_path):
-    """Config accepts NumPy integers (a value taken from an array); they are saved as JSON
-    numbers and load back equal."""
-    config = Config(hidden=(np.int64(8),), seed=np.int64(3), shift=np.int64(1), limit=100)
+    """Config accepts NumPy numbers (a value taken from an array) and keeps them as the plain
+    Python numbers they are, so what trains is exactly what is saved and loads back."""
+    config = Config(hidden=(np.int64(8),), seed=np.int64(3), shift=np.int64(1), limit=100,
+                    lr=np.float32(1e-3))
+    assert type(config.lr) is float and config.lr == float(np.float32(1e-3))
+    assert type(config.seed) is int and type(config.hidden[0]) is int
     params = init_params(config.layer_sizes, 0)
     save_checkpoint(tmp_path / "c.npz", params, config)
     _, loaded, _ = load_checkpoint(tmp_path / "c.npz")
@@ -3871,16 +3877,17 @@ def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_wri
     assert files_of(out) == before
 
 
-@pytest.mark.parametrize("best", [False, True], ids=["config.json", "config.json and best.npz"])
-def test_a_run_stopped_before_its_first_epoch_was_saved_is_not_protected(tmp_path, best):
-    """A run stopped before its first epoch was saved leaves its config.json (and, stopped
-    between the two saves of epoch 1, a best.npz but no state.npz): nothing to resume or lose,
-    so the same command runs again without --force (and writes the new settings)."""
+def test_a_run_stopped_before_its_first_epoch_was_saved_is_not_protected(tmp_path):
+    """A run stopped before its first epoch was saved leaves only its config.json: nothing to
+    resume or lose, so the same command runs again without --force (and writes the new
+    settings). Beside a best.npz it is refused: that is what a copied finished model looks like."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(Config(hidden=(4,)).to_json()))
-    if best:
-        (out / "best.npz").write_bytes(b"epoch 1")
+    (out / "best.npz").write_bytes(b"a model")
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert (out / "best.npz").read_bytes() == b"a model"
+    (out / "best.npz").unlink()
     assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 0
     saved = Config.from_json(json.loads((out / "config.json").read_text()))
     assert saved.hidden == (8,) and (out / "metrics.json").exists()
