@@ -999,10 +999,10 @@ def check_inputs(params: Mapping, x: np.ndarray, y: np.ndarray | None = None) ->
     if np.ndim(x) != 2 or np.shape(x)[1] != n_in:
         hint = " (flatten images with x.reshape(len(x), -1))" if np.ndim(x) == 3 else ""
         raise ValueError(f"inputs must have shape (batch, {n_in}), got {np.shape(x)}{hint}")
-    if np.asarray(x).dtype != params["W1"].dtype:
-        raise ValueError(f"inputs are {np.asarray(x).dtype} but parameters are "
-                         f"{params['W1'].dtype}; make them the same dtype (normalise(images, "
-                         f"dtype) gives either)")
+    dtype, expected = np.asarray(x).dtype, params["W1"].dtype
+    if dtype != expected:
+        raise ValueError(f"inputs are {dtype} but parameters are {expected}; make them the same "
+                         f"dtype (normalise(images, dtype) gives either)")
     if y is not None:
         check_labels(y, len(x), params[f"b{num_layers(params)}"].shape[0])
 
@@ -1161,11 +1161,11 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
 def check_cache(cache: Cache, params: Mapping) -> None:
     """Raise ValueError unless cache is what forward(params, ...) returns: one input per layer
     of the right width, and batch norm's statistics exactly when the network has batch norm."""
-    sizes, norms = layer_sizes_of(params), len(layer_sizes_of(params)) - 2
-    widths = [np.shape(a)[1:] for a in cache.inputs]
-    if widths != [(n,) for n in sizes[:-1]] or len(cache.norms) != norms * has_batch_norm(params):
+    sizes, batch_norm = layer_sizes_of(params), has_batch_norm(params)
+    widths = [a.shape[1:] for a in cache.inputs]
+    if widths != [(n,) for n in sizes[:-1]] or len(cache.norms) != (len(sizes) - 2) * batch_norm:
         raise ValueError(f"the cache does not come from forward on these parameters (a "
-                         f"{_dashed(sizes)} network{' with batch norm' * has_batch_norm(params)})")
+                         f"{_dashed(sizes)} network{' with batch norm' * batch_norm})")
 
 
 def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,

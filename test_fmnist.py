@@ -3844,7 +3844,6 @@ def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
 
 
 TINY_RUN = ("--limit", "300", "--epochs", "1", "--hidden", "8", "--quiet")
-TINY_ENSEMBLE = ("--recipe", "best", *TINY_RUN)
 
 
 def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -3870,7 +3869,7 @@ def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_wri
     for name, text in holds.items():
         (out / name).write_text(text)
     before = files_of(out)
-    argv = TINY_ENSEMBLE if kind == "ensemble" else TINY_RUN
+    argv = [*map(str, ENSEMBLE_TINY)] if kind == "ensemble" else TINY_RUN
     assert fmnist.main(["train", *argv, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"fmnist: error: {out}: {words}") and err.count("\n") == 1, err
@@ -3928,7 +3927,7 @@ def test_runs_started_in_the_same_second_without_out_each_get_a_directory(tmp_pa
     data = str(DATA)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "20260101-000000")
-    for argv in (TINY_RUN, TINY_RUN, TINY_ENSEMBLE):
+    for argv in (TINY_RUN, TINY_RUN, [*map(str, ENSEMBLE_TINY)]):
         assert fmnist.main(["train", *argv, "--data-dir", data]) == 0, capsys.readouterr().err
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == [
