@@ -359,7 +359,7 @@ def find_data_file(data_dir: Path, name: str) -> Path:
             if candidate.is_file():
                 return candidate
     raise DataError(f"{data_dir / name}[.gz]: file not found (also looked in "
-                    f"{data_dir / 'FashionMNIST' / 'raw'}); run `python fmnist.py download "
+                    f"{data_dir / 'FashionMNIST' / 'raw'}); run `{_invocation()} download "
                     f"--data-dir {_shell(data_dir)}` or point --data-dir at the folder holding it")
 
 
@@ -2583,7 +2583,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
                   f"saved", file=sys.stderr)
         elif saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
-                  f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
+                  f"  {_invocation()} train --resume {_shell(out)}", file=sys.stderr)
         else:                     # a best.npz without state.npz: this run's, and of no use
             (out / "best.npz").unlink(missing_ok=True)
             print("\ninterrupted before the first epoch was saved; nothing to resume "
@@ -2638,7 +2638,7 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         print(f"not finished: {', '.join(failed)}. Continue the ensemble with:\n"
-              f"  python fmnist.py train --resume {_shell(out)}", file=sys.stderr)
+              f"  {_invocation()} train --resume {_shell(out)}", file=sys.stderr)
         return 130 if 130 in codes.values() else 1
     metrics, loaded = evaluate_checkpoints([out / name / "best.npz" for name in members],
                                            args.data_dir)
@@ -3011,7 +3011,7 @@ def _checkpoints_in(path: Path) -> list[Path]:
     unfinished = [name for name in members if not (path / name / "metrics.json").exists()]
     if unfinished:
         raise CheckpointError(f"{path}: the ensemble has not finished ({', '.join(unfinished)} "
-                              f"still training); continue it with `python fmnist.py train "
+                              f"still training); continue it with `{_invocation()} train "
                               f"--resume {_shell(path)}`")
     return [path / name / "best.npz" for name in members]
 
@@ -3099,7 +3099,7 @@ def run_download(args: argparse.Namespace) -> int:
     """Fetch and verify the four data files (torchvision if installed, else the standard library)."""
     download_fashion_mnist(args.data_dir, args.mirror,
                            use_torchvision=False if args.no_torchvision else None)
-    print(f"{args.data_dir}: ready (python fmnist.py train --data-dir {_shell(args.data_dir)})")
+    print(f"{args.data_dir}: ready ({_invocation()} train --data-dir {_shell(args.data_dir)})")
     return 0
 
 
@@ -3367,6 +3367,18 @@ def _not_enough_memory(e: MemoryError) -> str:
 def _shell(path: str | Path) -> str:
     """A path as it must be typed in a shell command (quoted if it has spaces and the like)."""
     return shlex.quote(str(path))
+
+
+def _invocation() -> str:
+    """How to run this program in the commands that messages suggest: `fmnist` when the user ran
+    the command that `pip install` makes, `python PATH/fmnist.py` when they ran the file from
+    elsewhere, else (run from the clone, or from Python) the README's `python fmnist.py`."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if script.name == "fmnist":
+        return "fmnist"
+    if script.name == "fmnist.py" and script != Path("fmnist.py"):
+        return f"python {_shell(script)}"
+    return "python fmnist.py"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3691,6 +3691,29 @@ def test_download_through_the_standard_library_gives_the_shipped_data(serve, tmp
     assert again.returncode == 0 and "present and valid" in again.stdout and len(requests) == 4
 
 
+@pytest.mark.parametrize("argv0, command", [
+    ("/venv/bin/fmnist", "fmnist"),                      # the command pip install makes
+    ("fmnist.py", "python fmnist.py"),                   # the README's way, from the clone
+    ("/a b/fmnist.py", "python '/a b/fmnist.py'"),       # the file run from elsewhere
+    ("/venv/bin/pytest", "python fmnist.py"),            # imported: the README's way
+    ("", "python fmnist.py"),
+])
+def test_suggested_commands_name_the_program_as_it_was_run(monkeypatch, argv0, command):
+    monkeypatch.setattr(sys, "argv", [argv0, "train"])
+    assert fmnist._invocation() == command
+
+
+def test_download_run_from_another_folder_suggests_a_command_that_works_there(tmp_path):
+    """Run by its path from elsewhere, `download` (files present: no network) suggests training
+    with that path, not with a `python fmnist.py` that does not exist in the user's folder."""
+    proc = subprocess.run([sys.executable, str(FMNIST), "download", "--data-dir", DATA,
+                           "--no-torchvision"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"ready (python {fmnist._shell(FMNIST)} train --data-dir" in proc.stdout, proc.stdout
+    assert not any(tmp_path.iterdir())                   # and it wrote nothing where it ran
+
+
 def test_download_of_a_truncated_file_leaves_nothing_the_loader_accepts(serve, tmp_path):
     """An interrupted transfer (here: a file cut short on the server) is an error naming the URL;
     the files before it are complete and verified, the cut one is not written at all, and no
