@@ -169,6 +169,38 @@ _KINDS = {   # a Config field's annotation -> (check, what it must be)
 }
 
 
+_FRACTION = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+_SETTINGS = {   # a setting -> (is a value valid, what it must be): Config and the functions share them
+    "dropout": _FRACTION, "input dropout": _FRACTION, "label smoothing": _FRACTION,
+    "beta1": _FRACTION, "beta2": _FRACTION,
+    "average (the decay of the running average of weights)": _FRACTION,
+    "l2": (lambda v: 0.0 <= v < math.inf, ">= 0 and finite"),
+    "learning rate": (lambda v: 0.0 < v < math.inf, "> 0 and finite"),
+    "eps": (lambda v: 0.0 < v < math.inf, "> 0 and finite"),
+    "flip": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    "shift": (lambda v: _is_int(v) and 0 <= v <= MAX_SHIFT,
+              f"a whole number of pixels from 0 to {MAX_SHIFT}"),
+    "cutout": (lambda v: _is_int(v) and 0 <= v <= IMAGE_SHAPE[0],
+               f"a whole number of pixels from 0 to {IMAGE_SHAPE[0]}"),
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise ValueError, in the words `train` would use for its flag, unless `value` is a valid
+    `name` (a key of _SETTINGS)."""
+    ok, must = _SETTINGS[name]
+    if not ok(value):
+        raise ValueError(f"{name} must be {must}, got {value}")
+
+
+def check_weight_decay(weight_decay: float, lr: float) -> None:
+    """AdamW's shrink factor 1 - lr * weight_decay must stay in (0, 1]: at or below 0 a step
+    would zero or flip the sign of every weight."""
+    if not (0.0 <= weight_decay and weight_decay * lr < 1.0):
+        raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, got weight "
+                         f"decay {weight_decay} and lr {lr}")
+
+
 def check_config(c: Config) -> None:
     """Raise ValueError, with one sentence a user can act on, for a hyperparameter of the wrong
     kind (a file's "hidden": [8.9] or "batch_norm": "false") or out of range."""
@@ -176,16 +208,17 @@ def check_config(c: Config) -> None:
         ok, kind = _KINDS[field.type]
         if not ok(getattr(c, field.name)):
             raise ValueError(f"{field.name} must be {kind}, got {getattr(c, field.name)!r}")
+    if not (len(c.hidden) > 0 and all(1 <= h <= MAX_WIDTH for h in c.hidden)):
+        raise ValueError(f"hidden sizes must be one or more whole numbers from 1 to {MAX_WIDTH:,}, "
+                         f"got {list(c.hidden)}")
+    for name, value in (("dropout", c.dropout), ("l2", c.l2), ("learning rate", c.lr),
+                        ("beta1", c.beta1), ("beta2", c.beta2), ("eps", c.eps), ("flip", c.flip),
+                        ("shift", c.shift), ("label smoothing", c.label_smoothing),
+                        ("average (the decay of the running average of weights)", c.average),
+                        ("cutout", c.cutout), ("input dropout", c.input_dropout)):
+        check_setting(name, value)
+    check_weight_decay(c.weight_decay, c.lr)
     checks = [
-        (len(c.hidden) > 0 and all(1 <= h <= MAX_WIDTH for h in c.hidden),
-         f"hidden sizes must be one or more whole numbers from 1 to {MAX_WIDTH:,}, "
-         f"got {list(c.hidden)}"),
-        (0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}"),
-        (0.0 <= c.l2 < math.inf, f"l2 must be >= 0 and finite, got {c.l2}"),
-        (0.0 < c.lr < math.inf, f"learning rate must be > 0 and finite, got {c.lr}"),
-        (0.0 <= c.beta1 < 1.0, f"beta1 must be in [0, 1), got {c.beta1}"),
-        (0.0 <= c.beta2 < 1.0, f"beta2 must be in [0, 1), got {c.beta2}"),
-        (c.eps > 0.0, f"eps must be > 0, got {c.eps}"),
         (c.batch_size >= 1, f"batch size must be >= 1, got {c.batch_size}"),
         (c.batch_size >= 2 or not c.batch_norm,
          f"batch norm needs batches of at least 2 images (their mean and spread), "
@@ -203,18 +236,6 @@ def check_config(c: Config) -> None:
          f"limit must be between 1 and the {TRAIN_IMAGES - c.val_size:,} training images, got {c.limit}"),
         (c.lr_schedule in SCHEDULES,
          f"lr schedule must be one of {', '.join(SCHEDULES)}, got {c.lr_schedule!r}"),
-        (0.0 <= c.flip <= 1.0, f"flip must be a probability in [0, 1], got {c.flip}"),
-        (_is_int(c.shift) and 0 <= c.shift <= MAX_SHIFT,
-         f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {c.shift}"),
-        (0.0 <= c.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {c.label_smoothing}"),
-        (0.0 <= c.average < 1.0,
-         f"average (the decay of the running average of weights) must be in [0, 1), got {c.average}"),
-        (_is_int(c.cutout) and 0 <= c.cutout <= IMAGE_SHAPE[0],
-         f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, got {c.cutout}"),
-        (0.0 <= c.input_dropout < 1.0, f"input dropout must be in [0, 1), got {c.input_dropout}"),
-        (0.0 <= c.weight_decay and c.weight_decay * c.lr < 1.0,   # else a step flips signs
-         f"weight decay must be >= 0 with weight decay * lr below 1, got weight decay "
-         f"{c.weight_decay} and lr {c.lr}"),
         (not (c.batch_norm and c.average),
          "batch norm and a running average of weights do not combine here; drop one of them"),
         (c.flip > 0 or not c.flip_average,
@@ -627,6 +648,7 @@ def _download_with_torchvision(data_dir: Path, targets: Mapping[str, Path], log:
 # ================================================================================================
 
 BACKGROUND = -MEAN / STD          # a black pixel after normalisation: what a shift brings in
+SeedOrRng = int | np.random.Generator   # randomness comes in as a seed, or a Generator to draw from
 
 
 def mirror(x: np.ndarray) -> np.ndarray:
@@ -641,7 +663,7 @@ def check_images(x: np.ndarray) -> None:
                          f"one), got {np.asarray(x).dtype} {np.shape(x)}")
 
 
-def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: int = 0,
+def augment(x: np.ndarray, rng: SeedOrRng, flip: float = 0.0, shift: int = 0,
             cutout: int = 0, input_dropout: float = 0.0) -> np.ndarray:
     """A randomly altered copy of a batch of normalised images x (B, 784), for training.
 
@@ -653,10 +675,8 @@ def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: i
     set every epoch, which makes memorising harder. With everything off it returns x and draws
     nothing, so the report's recipe is untouched.
     """
-    if not 0.0 <= flip <= 1.0:
-        raise ValueError(f"flip must be a probability in [0, 1], got {flip}")
-    if not (_is_int(shift) and 0 <= shift <= MAX_SHIFT):
-        raise ValueError(f"shift must be a whole number of pixels from 0 to {MAX_SHIFT}, got {shift}")
+    check_setting("flip", flip)
+    check_setting("shift", shift)
     if not (flip or shift or cutout or input_dropout):
         return x
     check_images(x)
@@ -681,14 +701,12 @@ def augment(x: np.ndarray, rng: np.random.Generator, flip: float = 0.0, shift: i
     return _readonly(out)
 
 
-def cut_out(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def cut_out(x: np.ndarray, rng: SeedOrRng, size: int) -> np.ndarray:
     """Images x (B, 784) with a size x size square of each set to background (black): "cutout"
     (DeVries and Taylor, 2017). The square's centre is uniform over the 28 x 28 pixels, so near
     an edge only part of it falls inside the image. The network must then recognise an item
     from what is left of it, instead of leaning on a few pixels. A new array."""
-    if not (_is_int(size) and 0 <= size <= IMAGE_SHAPE[0]):
-        raise ValueError(f"cutout must be a whole number of pixels from 0 to {IMAGE_SHAPE[0]}, "
-                         f"got {size}")
+    check_setting("cutout", size)
     check_images(x)
     rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     B, r = len(x), np.arange(IMAGE_SHAPE[0])
@@ -700,13 +718,12 @@ def cut_out(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     return _readonly(np.where(hole, x.dtype.type(BACKGROUND), x))
 
 
-def drop_pixels(x: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
+def drop_pixels(x: np.ndarray, rng: SeedOrRng, rate: float) -> np.ndarray:
     """Inverted dropout on the input layer: each pixel of x (B, 784) becomes 0 (the mean pixel,
     after normalisation) with probability `rate`, the others are divided by 1 - rate, as
     `dropout_masks` does for the hidden layers (Srivastava et al. used 0.2 on MNIST's pixels).
     A new array."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"input dropout must be in [0, 1), got {rate}")
+    check_setting("input dropout", rate)
     check_images(x)
     rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     keep = rng.random(x.shape, dtype=np.float32) >= rate                           # (B, 784) bool
@@ -899,13 +916,12 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
     return Params(flat, shapes)
 
 
-def dropout_masks(seed_or_rng, batch_size: int, hidden: Sequence[int], rate: float,
+def dropout_masks(seed_or_rng: SeedOrRng, batch_size: int, hidden: Sequence[int], rate: float,
                   dtype: str = "float32") -> tuple[np.ndarray, ...] | None:
     """Inverted-dropout masks, one (B, h) array per hidden layer: 0 with probability `rate`,
     else 1 / (1 - rate), so the expected activation is unchanged and evaluation needs no rescaling.
     Returns None when rate is 0 (no dropout)."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {rate}")
+    check_setting("dropout", rate)
     if rate == 0.0:
         return None
     rng = np.random.default_rng(seed_or_rng)
@@ -1377,18 +1393,10 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     by lr, as in PyTorch's AdamW; the paper multiplies it by the schedule's factor alone, so
     weight_decay 0.5 with lr 1e-3 here is its 5e-4.)
     """
-    if not 0.0 < lr < math.inf:
-        raise ValueError(f"learning rate must be > 0 and finite, got {lr}")
-    if not 0.0 <= l2 < math.inf:
-        raise ValueError(f"l2 must be >= 0 and finite, got {l2}")
-    if not (0.0 <= weight_decay and weight_decay * lr < 1.0):
-        raise ValueError(f"weight decay must be >= 0 with weight decay * lr below 1, got weight "
-                         f"decay {weight_decay} and lr {lr}")
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {beta}")
-    if not 0.0 < eps < math.inf:
-        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    for name, value in (("learning rate", lr), ("l2", l2), ("beta1", beta1), ("beta2", beta2),
+                        ("eps", eps)):
+        check_setting(name, value)
+    check_weight_decay(weight_decay, lr)
     if not (_is_int(state.step) and state.step >= 0):
         raise ValueError(f"Adam state's step must be a whole number >= 0, got {state.step!r}")
     params, grads = Params.from_arrays(params), Params.from_arrays(grads)

@@ -418,6 +418,38 @@ def test_misused_functions_say_what_is_wrong(case):
         call()
 
 
+def _settings_taken_by_functions():
+    """Config field -> (a value out of its range, a function taking that setting)."""
+    params, x, y, _ = _setup()
+    images = np.random.default_rng(0).normal(size=(3, 784))
+    state, grads = adam_init(params), backward(params, forward(params, x)[1], y)
+    return {
+        "flip": (-0.5, lambda v: fmnist.augment(images, 0, flip=v)),
+        "shift": (5, lambda v: fmnist.augment(images, 0, shift=v)),
+        "cutout": (29, lambda v: fmnist.cut_out(images, 0, v)),
+        "input_dropout": (1.0, lambda v: fmnist.drop_pixels(images, 0, v)),
+        "dropout": (1.0, lambda v: dropout_masks(0, 2, (3,), v)),
+        "lr": (0.0, lambda v: adam_step(params, grads, state, lr=v)),
+        "l2": (math.inf, lambda v: adam_step(params, grads, state, l2=v)),
+        "beta1": (-0.1, lambda v: adam_step(params, grads, state, beta1=v)),
+        "beta2": (1.0, lambda v: adam_step(params, grads, state, beta2=v)),
+        "eps": (math.inf, lambda v: adam_step(params, grads, state, eps=v)),
+        "weight_decay": (-1.0, lambda v: adam_step(params, grads, state, weight_decay=v)),
+    }
+
+
+@pytest.mark.parametrize("field", _settings_taken_by_functions())
+def test_config_and_the_functions_refuse_a_setting_alike_in_the_same_words(field):
+    """A value that train's flag refuses, a function taking the same setting refuses too, with
+    the same sentence (one rule for both, so they cannot drift apart)."""
+    bad, call = _settings_taken_by_functions()[field]
+    with pytest.raises(ValueError) as from_config:
+        Config(**{field: bad})
+    with pytest.raises(ValueError) as from_function:
+        call(bad)
+    assert str(from_function.value) == str(from_config.value)
+
+
 def test_the_order_a_mapping_lists_parameters_in_changes_nothing():
     """Params lays its flat vector out by name, not by the mapping's order: a dict of the same
     arrays listed in another order gets the same Adam step and running average, number for
