@@ -127,7 +127,7 @@ class Config:
         object.__setattr__(self, "hidden", tuple(int(h) if _is_int(h) else h for h in self.hidden))
         for field in dataclasses.fields(self):      # np.float32(1e-3) -> the float it is: what
             value = getattr(self, field.name)       # trains is then exactly what config.json says
-            if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+            if isinstance(value, np.generic):       # (and np.True_ -> True, which JSON can write)
                 object.__setattr__(self, field.name, value.item())
         check_config(self)
 
@@ -830,12 +830,16 @@ def check_params(params: Mapping) -> None:
     if not isinstance(params, Mapping):
         raise ValueError(f"parameters must be a mapping of names to arrays (init_params makes "
                          f"one), got {type(params).__name__}")
+    for name, a in params.items():
+        if not (isinstance(name, str) and isinstance(a, np.ndarray)):
+            raise ValueError(f"parameters must map names to NumPy arrays, got {name!r}: "
+                             f"{type(a).__name__}")
     missing = ""
     try:
         sizes = layer_sizes_of(params)
     except KeyError as e:                 # a gap in W1, W2, ...: name the first missing
         sizes, missing = None, f"; {e.args[0]} is missing"
-    except (IndexError, TypeError):
+    except (IndexError, TypeError):       # a W of fewer than two dimensions
         sizes = None
     actual = {k: np.shape(a) for k, a in params.items()}
     expected = param_shapes(sizes, has_batch_norm(params)) if sizes else {}
@@ -1818,7 +1822,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int = NUM_CLASSE
             raise ValueError(f"{name} must be classes 0..{k - 1}, got values {a.min()}..{a.max()}")
     if y_true.shape != y_pred.shape:
         raise ValueError(f"true labels {y_true.shape} and predictions {y_pred.shape} differ in shape")
-    pairs = y_true.astype(np.int64) * k + y_pred                  # (N,), no uint8 overflow
+    pairs = y_true.astype(np.int64) * k + y_pred.astype(np.int64)  # (N,): no uint8 overflow,
+    #                                                                   and [] (float64) counts nothing
     return _readonly(np.bincount(pairs, minlength=k * k).reshape(k, k))
 
 
@@ -1900,9 +1905,9 @@ def save_checkpoint(path: Path, params: Mapping, config: Config, **extra: Any) -
     Only what load_checkpoint accepts is written: the plain network of the config (a batch-norm
     network folded first, see fold_batch_norm), in its dtype, all finite."""
     check_params_fit(params, config.layer_sizes, "save_checkpoint")
-    if "format" in extra or "config" in extra:
-        raise ValueError("save_checkpoint: format and config are written by save_checkpoint "
-                         "itself; pass other names for extra metadata")
+    if "format" in extra:                   # (config is a parameter: Python refuses it twice)
+        raise ValueError("save_checkpoint: format is written by save_checkpoint itself; pass "
+                         "another name for extra metadata")
     if {k: np.shape(a) for k, a in params.items()} != param_shapes(config.layer_sizes):
         raise CheckpointError(f"save_checkpoint: parameters {sorted(params)} are not a plain "
                               f"{_dashed(config.layer_sizes)} network (fold batch norm first)")
@@ -2586,14 +2591,15 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
+        if not saved:             # a best.npz without state.npz: this run's, and of no use
+            (out / "best.npz").unlink(missing_ok=True)
         if args.member:                                      # the ensemble says how to go on
             print(f"\ninterrupted {f'after epoch {saved}' if saved else 'before epoch 1'} was "
                   f"saved", file=sys.stderr)
         elif saved:
             print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
                   f"  {_invocation()} train --resume {_shell(out)}", file=sys.stderr)
-        else:                     # a best.npz without state.npz: this run's, and of no use
-            (out / "best.npz").unlink(missing_ok=True)
+        else:
             print("\ninterrupted before the first epoch was saved; nothing to resume "
                   "(run the same command again)", file=sys.stderr)
         return 130

@@ -408,6 +408,21 @@ def _api_misuse():
         "float16": (lambda: normalise(np.zeros((1, 28, 28), np.uint8), "float16"), "dtype must be one of"),
         "a list of networks": (lambda: forward([params, params], x), "parameters must be a mapping"),
         "1-D logits": (lambda: fmnist.cross_entropy(np.zeros(4), y[:1]), "logits must be a (batch, classes)"),
+        "shift 1.5": (lambda: fmnist.augment(images, rng, shift=1.5), "shift must be a whole number"),
+        "step 1.5": (lambda: adam_step(params, grads, state._replace(step=1.5)), "step must be"),
+        "augment of one flat image": (lambda: fmnist.augment(images[0], rng, flip=0.5), "(batch, 784)"),
+        "drop_pixels of one flat image": (lambda: fmnist.drop_pixels(images[0], rng, 0.5), "(batch, 784)"),
+        "uint8 images to cut_out": (lambda: fmnist.cut_out(np.zeros((2, 784), np.uint8), rng, 4),
+                                    "float array"),
+        "misspelled Params": (lambda: forward(Params.from_arrays(_misspelled(params)), x), "W2 is missing"),
+        "backward of misspelled": (lambda: backward(_misspelled(params), forward(params, x)[1], y),
+                                   "W2 is missing"),
+        "lists for arrays": (lambda: forward({"W1": [[1.0]], "b1": [0.0]}, x), "must map names to NumPy arrays"),
+        "a name not a string": (lambda: forward({**params, 5: params["b1"]}, x), "must map names to NumPy"),
+        "chunk 2.5": (lambda: predict_logits(params, x, 2.5), "chunk"),
+        "flattened pixels": (lambda: normalise(np.zeros((2, 784), np.uint8)), "uint8 pixels of shape"),
+        "negative count": (lambda: per_class_metrics(np.array([[1, -1], [0, 1]])), "square matrix of counts"),
+        "float counts": (lambda: per_class_metrics(np.array([[1.5, 0], [0, 1]])), "square matrix of counts"),
     }
 
 
@@ -494,7 +509,7 @@ def test_save_checkpoint_writes_only_what_load_checkpoint_reads(tmp_path):
     params = init_params(config.layer_sizes, 0)
     with pytest.raises(CheckpointError, match="not a plain 784-8-10 network"):
         save_checkpoint(tmp_path / "a.npz", {**params, "b1": np.zeros((1, 8), np.float32)}, config)
-    with pytest.raises(ValueError, match="format and config are written by save_checkpoint"):
+    with pytest.raises(ValueError, match="format is written by save_checkpoint"):
         save_checkpoint(tmp_path / "b.npz", params, config, format="x")
     assert not list(tmp_path.iterdir())
 
@@ -2335,7 +2350,9 @@ def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
         pytest.skip("the ensemble finished before it could be interrupted")
     assert returncode == 130, stderr
     assert f"  python fmnist.py train --resume {out}" in stderr.splitlines()    # the ensemble's
-    assert f"--resume {out / 'best-bn'}" not in stderr         # not a member's own, which --out refuses
+    assert not any(f"--resume {out / name}" in stderr          # not a member's own, which --out refuses
+                   for name in fmnist.ENSEMBLES["best"])
+    assert "Resume it with" not in stderr and "run the same command again" not in stderr
     assert not (out / "metrics.json").exists()
     resumed = run_cli("train", "--resume", out)
     assert resumed.returncode == 0, resumed.stderr
@@ -4008,16 +4025,114 @@ def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path):
     assert failed.value.filename == str(target) and ".tmp" not in str(failed.value)
 
 
-def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags", [TINY_RUN, tuple(map(str, ENSEMBLE_TINY))], ids=["run", "ensemble"])
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys, flags):
     """A directory that exists but refuses files (a read-only mount, /sys) gets a sentence
-    naming it and what to do, not an errno and a temporary file's name."""
+    naming it and what to do, not an errno and a temporary file's name: a run's, or an
+    ensemble's (whose first file is ensemble.json)."""
     def refuse(path, obj):
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(fmnist, "write_json", refuse)
     out = tmp_path / "run"
-    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
     assert capsys.readouterr().err == (f"fmnist: error: {out}: cannot write to the directory "
                                        f"(Permission denied); choose another --out\n")
+
+
+def test_an_empty_image_path_after_an_option_is_a_usage_error(tmp_path, capsys):
+    """predict's images may follow an option; an empty one there is refused like one before it."""
+    with pytest.raises(SystemExit) as e:
+        fmnist.main(["predict", str(tmp_path), "a.png", "--invert", ""])
+    assert e.value.code == 2 and "an image path is an empty string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["not json", '{"lr": -1}'])
+def test_a_config_json_that_is_not_a_valid_config_is_protected_too(tmp_path, capsys, text):
+    """A config.json that does not even parse as a config is not a lone config.json of a run
+    stopped early, so it is someone's file: refused like any other without --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(text)
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"fmnist: error: {out}: already holds config.json")
+    assert (out / "config.json").read_text() == text
+
+
+def test_a_default_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    """runs/<timestamp> that the file system refuses (here a name too long) is one sentence."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "x" * 300)     # ENAMETOOLONG
+    assert fmnist.main(["train", *TINY_RUN]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist: error: ") and "cannot create the directory" in err, err
+    assert "choose a directory with --out" in err and len(err.splitlines()) == 1
+
+
+def test_an_ensemble_members_memory_error_is_one_line(monkeypatch, capsys):
+    """A member that runs out of memory says so in one line and fails; the ensemble goes on."""
+    def out_of_memory(args, config):
+        raise MemoryError("Unable to allocate 1 TiB")
+    monkeypatch.setattr(fmnist, "run_train", out_of_memory)
+    assert fmnist._train_member("m", None, Config()) == 1
+    err = capsys.readouterr().err
+    assert "not enough memory (Unable to allocate 1 TiB)" in err and "Traceback" not in err
+
+
+def test_a_run_interrupted_before_its_first_epoch_is_saved_leaves_nothing_half_done(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C after best.npz was first written but before state.npz: that best.npz belongs to
+    no resumable run, so it is removed; a single run then says it was interrupted, an ensemble
+    member leaves the how-to-go-on line to its ensemble."""
+    def interrupted_fit(splits, config, *args, **kwargs):
+        (out / "best.npz").write_bytes(b"x")
+        raise KeyboardInterrupt
+        yield                                                  # (a generator, as fit is)
+    monkeypatch.setattr(fmnist, "fit", interrupted_fit)
+    out = tmp_path / "run"
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 130
+    assert not (out / "best.npz").exists()
+    capsys.readouterr()
+    out = tmp_path / "member"
+    args = fmnist.build_parser().parse_args(["train", *TINY_RUN, "--out", str(out)])
+    args.member, args.data_dir = "member", fmnist.default_data_dir()
+    assert fmnist.run_train(args, Config(hidden=(8,), limit=300, epochs=1)) == 130
+    assert capsys.readouterr().err.endswith("interrupted before epoch 1 was saved\n")
+    assert not (out / "best.npz").exists()
+
+
+def test_predict_logits_of_no_images_and_with_flip_averaging_are_read_only_logits():
+    params, x, _, _ = _setup()                                    # a 4-class float64 network
+    empty = predict_logits(params, x[:0])
+    assert empty.shape == (0, 4) and empty.dtype == x.dtype and not empty.flags.writeable
+    net = init_params((784, 8, 10), 0, "float64")
+    averaged = predict_logits(net, np.random.default_rng(0).normal(size=(3, 784)), flip_average=True)
+    assert averaged.shape == (3, 10) and not averaged.flags.writeable
+
+
+def test_confusion_matrix_counts_uint8_labels_without_overflow_and_no_labels_as_zeros():
+    c = confusion_matrix(np.array([29, 3], np.uint8), np.array([29, 2], np.uint8), 30)
+    assert c[29, 29] == 1 and c[3, 2] == 1 and c.sum() == 2
+    np.testing.assert_array_equal(confusion_matrix([], []), np.zeros((10, 10), int))
+
+
+def test_flat_order_is_the_weights_then_each_layer_in_turn():
+    """The documented layout of the flat vector (weights first: Adam's L2 slice is one range)."""
+    assert fmnist.flat_order(["b2", "g1", "W2", "b1", "W1", "g2", "W3", "b3"]) == \
+        ["W1", "W2", "W3", "b1", "g1", "b2", "g2", "b3"]
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_read_image_returns_read_only_pixels(tmp_path, invert):
+    from PIL import Image
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "a.png")
+    assert not fmnist.read_image(tmp_path / "a.png", invert).flags.writeable
+
+
+def test_a_numpy_bool_in_a_config_becomes_a_bool_that_json_can_write(tmp_path):
+    config = Config(batch_norm=np.True_, hidden=(8,), limit=100)
+    assert type(config.batch_norm) is bool
+    save_checkpoint(tmp_path / "c.npz", init_params(config.layer_sizes, 0, batch_norm=False), config)
+    assert load_checkpoint(tmp_path / "c.npz")[1] == config
 
 
 def test_resume_refuses_a_config_json_that_is_not_the_states(tmp_path, capsys):
