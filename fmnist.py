@@ -1112,6 +1112,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0
     if len(logits) == 0:
         raise ValueError("cross-entropy of zero examples is undefined")
     check_labels(labels, len(logits), np.shape(logits)[1])
+    check_setting("label smoothing", smoothing)
     log_p = log_softmax(logits)                               # (B, K)
     nll = -log_p[np.arange(len(labels)), labels]              # (B,)
     if smoothing:
@@ -1138,6 +1139,7 @@ def l2_penalty(params: Mapping, l2: float) -> float:
 def total_loss(params: Mapping, x: np.ndarray, labels: np.ndarray, l2: float = 0.0,
                masks: Sequence[np.ndarray] | None = None, smoothing: float = 0.0) -> float:
     """The objective that `backward` differentiates: cross-entropy + L2 penalty."""
+    check_setting("l2", l2)
     logits, _ = forward(params, x, masks)
     return cross_entropy(logits, labels, smoothing) + l2_penalty(params, l2)
 
@@ -1219,6 +1221,8 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     B = cache.logits.shape[0]
     check_cache(cache, params)
     check_labels(labels, B, cache.logits.shape[1])
+    check_setting("l2", l2)
+    check_setting("label smoothing", smoothing)
     shapes = {k: np.shape(a) for k, a in params.items()}
     flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
@@ -1601,6 +1605,7 @@ def average_params(average: Params, params: Params, decay: float) -> Params:
     SWA, Izmailov et al. 2018). The average is only ever evaluated: training continues from
     `params`.
     """
+    check_setting("average (the decay of the running average of weights)", decay)
     if average.shapes != params.shapes:
         raise ValueError(f"average {average.shapes} does not match the parameters {params.shapes}")
     flat = np.multiply(average.flat, decay)
@@ -2591,7 +2596,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
-        if not saved:             # a best.npz without state.npz: this run's, and of no use
+        if not (out / "state.npz").exists():    # a best.npz without it: this run's, of no use
             (out / "best.npz").unlink(missing_ok=True)
         if args.member:                                      # the ensemble says how to go on
             print(f"\ninterrupted {f'after epoch {saved}' if saved else 'before epoch 1'} was "
@@ -3385,9 +3390,12 @@ def _shell(path: str | Path) -> str:
 
 def _invocation() -> str:
     """How to run this program in the commands that messages suggest: `fmnist` when the user ran
-    the command that `pip install` makes, `python PATH/fmnist.py` when they ran the file from
-    elsewhere, else (run from the clone, or from Python) the README's `python fmnist.py`."""
+    the command that `pip install` makes, `python -m fmnist` when they ran the module,
+    `python PATH/fmnist.py` when they ran the file from elsewhere, else (run from the clone, or
+    from Python) the README's `python fmnist.py`."""
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == "fmnist":
+        return "python -m fmnist"
     if script.name == "fmnist":
         return "fmnist"
     if script.name == "fmnist.py" and script != Path("fmnist.py"):

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 import zlib
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -434,11 +435,18 @@ def test_misused_functions_say_what_is_wrong(case):
 
 
 def _settings_taken_by_functions():
-    """Config field -> (a value out of its range, a function taking that setting)."""
+    """(Config field, a value out of its range, a function taking that setting), named."""
     params, x, y, _ = _setup()
     images = np.random.default_rng(0).normal(size=(3, 784))
-    state, grads = adam_init(params), backward(params, forward(params, x)[1], y)
+    logits, cache = forward(params, x)
+    state, grads = adam_init(params), backward(params, cache, y)
+    averaged = Params.from_arrays(params)
     return {
+        "label_smoothing (cross_entropy)": (1.5, lambda v: cross_entropy(logits, y, v)),
+        "label_smoothing (backward)": (-0.1, lambda v: backward(params, cache, y, smoothing=v)),
+        "l2 (backward)": (-1.0, lambda v: backward(params, cache, y, l2=v)),
+        "l2 (total_loss)": (math.nan, lambda v: fmnist.total_loss(params, x, y, l2=v)),
+        "average (average_params)": (2.0, lambda v: fmnist.average_params(averaged, averaged, v)),
         "flip": (-0.5, lambda v: fmnist.augment(images, 0, flip=v)),
         "shift": (5, lambda v: fmnist.augment(images, 0, shift=v)),
         "cutout": (29, lambda v: fmnist.cut_out(images, 0, v)),
@@ -453,13 +461,13 @@ def _settings_taken_by_functions():
     }
 
 
-@pytest.mark.parametrize("field", _settings_taken_by_functions())
-def test_config_and_the_functions_refuse_a_setting_alike_in_the_same_words(field):
+@pytest.mark.parametrize("case", _settings_taken_by_functions())
+def test_config_and_the_functions_refuse_a_setting_alike_in_the_same_words(case):
     """A value that train's flag refuses, a function taking the same setting refuses too, with
     the same sentence (one rule for both, so they cannot drift apart)."""
-    bad, call = _settings_taken_by_functions()[field]
+    bad, call = _settings_taken_by_functions()[case]
     with pytest.raises(ValueError) as from_config:
-        Config(**{field: bad})
+        Config(**{case.split(" ")[0]: bad})
     with pytest.raises(ValueError) as from_function:
         call(bad)
     assert str(from_function.value) == str(from_config.value)
@@ -3752,6 +3760,13 @@ def test_suggested_commands_name_the_program_as_it_was_run(monkeypatch, argv0, c
     assert fmnist._invocation() == command
 
 
+def test_suggested_commands_after_python_m_fmnist_say_so(monkeypatch):
+    """`python -m fmnist` puts the module's full path in argv[0]; its __main__ names the module."""
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="fmnist")))
+    monkeypatch.setattr(sys, "argv", [str(FMNIST), "train"])
+    assert fmnist._invocation() == "python -m fmnist"
+
+
 def test_download_run_from_another_folder_suggests_a_command_that_works_there(tmp_path):
     """Run by its path from elsewhere, `download` (files present: no network) suggests training
     with that path, not with a `python fmnist.py` that does not exist in the user's folder."""
@@ -4061,7 +4076,9 @@ def test_a_config_json_that_is_not_a_valid_config_is_protected_too(tmp_path, cap
 def test_a_default_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
     """runs/<timestamp> that the file system refuses (here a name too long) is one sentence."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "x" * 300)     # ENAMETOOLONG
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "x" * 300       # ENAMETOOLONG
+                        if fmt == "%Y%m%d-%H%M%S" else strftime(fmt, *when))
     assert fmnist.main(["train", *TINY_RUN]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fmnist: error: ") and "cannot create the directory" in err, err
@@ -4073,7 +4090,11 @@ def test_an_ensemble_members_memory_error_is_one_line(monkeypatch, capsys):
     def out_of_memory(args, config):
         raise MemoryError("Unable to allocate 1 TiB")
     monkeypatch.setattr(fmnist, "run_train", out_of_memory)
-    assert fmnist._train_member("m", None, Config()) == 1
+    handler = signal.getsignal(signal.SIGINT)      # _train_member, meant for a child process,
+    try:                                            # ignores Ctrl-C when it returns
+        assert fmnist._train_member("m", None, Config()) == 1
+    finally:
+        signal.signal(signal.SIGINT, handler)
     err = capsys.readouterr().err
     assert "not enough memory (Unable to allocate 1 TiB)" in err and "Traceback" not in err
 
