@@ -170,25 +170,29 @@ _KINDS = {   # a Config field's annotation -> (check, what it must be)
 
 
 _FRACTION = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-_SETTINGS = {   # a setting -> (is a value valid, what it must be): Config and the functions share them
-    "dropout": _FRACTION, "input dropout": _FRACTION, "label smoothing": _FRACTION,
-    "beta1": _FRACTION, "beta2": _FRACTION,
-    "average (the decay of the running average of weights)": _FRACTION,
-    "l2": (lambda v: 0.0 <= v < math.inf, ">= 0 and finite"),
-    "learning rate": (lambda v: 0.0 < v < math.inf, "> 0 and finite"),
-    "eps": (lambda v: 0.0 < v < math.inf, "> 0 and finite"),
-    "flip": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
-    "shift": (lambda v: _is_int(v) and 0 <= v <= MAX_SHIFT,
+_SETTINGS = {   # a Config field -> (its name in words, is a value valid, what it must be);
+    # check_config and the functions taking the same setting share them, in this order
+    "dropout": ("dropout", *_FRACTION),
+    "l2": ("l2", lambda v: 0.0 <= v < math.inf, ">= 0 and finite"),
+    "lr": ("learning rate", lambda v: 0.0 < v < math.inf, "> 0 and finite"),
+    "beta1": ("beta1", *_FRACTION),
+    "beta2": ("beta2", *_FRACTION),
+    "eps": ("eps", lambda v: 0.0 < v < math.inf, "> 0 and finite"),
+    "flip": ("flip", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    "shift": ("shift", lambda v: _is_int(v) and 0 <= v <= MAX_SHIFT,
               f"a whole number of pixels from 0 to {MAX_SHIFT}"),
-    "cutout": (lambda v: _is_int(v) and 0 <= v <= IMAGE_SHAPE[0],
+    "label_smoothing": ("label smoothing", *_FRACTION),
+    "average": ("average (the decay of the running average of weights)", *_FRACTION),
+    "cutout": ("cutout", lambda v: _is_int(v) and 0 <= v <= IMAGE_SHAPE[0],
                f"a whole number of pixels from 0 to {IMAGE_SHAPE[0]}"),
+    "input_dropout": ("input dropout", *_FRACTION),
 }
 
 
-def check_setting(name: str, value: Any) -> None:
+def check_setting(field: str, value: Any) -> None:
     """Raise ValueError, in the words `train` would use for its flag, unless `value` is a valid
-    `name` (a key of _SETTINGS)."""
-    ok, must = _SETTINGS[name]
+    value of the Config field `field` (a key of _SETTINGS)."""
+    name, ok, must = _SETTINGS[field]
     if not ok(value):
         raise ValueError(f"{name} must be {must}, got {value}")
 
@@ -211,12 +215,8 @@ def check_config(c: Config) -> None:
     if not (len(c.hidden) > 0 and all(1 <= h <= MAX_WIDTH for h in c.hidden)):
         raise ValueError(f"hidden sizes must be one or more whole numbers from 1 to {MAX_WIDTH:,}, "
                          f"got {list(c.hidden)}")
-    for name, value in (("dropout", c.dropout), ("l2", c.l2), ("learning rate", c.lr),
-                        ("beta1", c.beta1), ("beta2", c.beta2), ("eps", c.eps), ("flip", c.flip),
-                        ("shift", c.shift), ("label smoothing", c.label_smoothing),
-                        ("average (the decay of the running average of weights)", c.average),
-                        ("cutout", c.cutout), ("input dropout", c.input_dropout)):
-        check_setting(name, value)
+    for field in _SETTINGS:
+        check_setting(field, getattr(c, field))
     check_weight_decay(c.weight_decay, c.lr)
     checks = [
         (c.batch_size >= 1, f"batch size must be >= 1, got {c.batch_size}"),
@@ -723,7 +723,7 @@ def drop_pixels(x: np.ndarray, rng: SeedOrRng, rate: float) -> np.ndarray:
     after normalisation) with probability `rate`, the others are divided by 1 - rate, as
     `dropout_masks` does for the hidden layers (Srivastava et al. used 0.2 on MNIST's pixels).
     A new array."""
-    check_setting("input dropout", rate)
+    check_setting("input_dropout", rate)
     check_images(x)
     rng = np.random.default_rng(rng)              # a seed, or the Generator itself
     keep = rng.random(x.shape, dtype=np.float32) >= rate                           # (B, 784) bool
@@ -1112,7 +1112,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float = 0.0
     if len(logits) == 0:
         raise ValueError("cross-entropy of zero examples is undefined")
     check_labels(labels, len(logits), np.shape(logits)[1])
-    check_setting("label smoothing", smoothing)
+    check_setting("label_smoothing", smoothing)
     log_p = log_softmax(logits)                               # (B, K)
     nll = -log_p[np.arange(len(labels)), labels]              # (B,)
     if smoothing:
@@ -1222,7 +1222,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     check_cache(cache, params)
     check_labels(labels, B, cache.logits.shape[1])
     check_setting("l2", l2)
-    check_setting("label smoothing", smoothing)
+    check_setting("label_smoothing", smoothing)
     shapes = {k: np.shape(a) for k, a in params.items()}
     flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
@@ -1401,9 +1401,8 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     by lr, as in PyTorch's AdamW; the paper multiplies it by the schedule's factor alone, so
     weight_decay 0.5 with lr 1e-3 here is its 5e-4.)
     """
-    for name, value in (("learning rate", lr), ("l2", l2), ("beta1", beta1), ("beta2", beta2),
-                        ("eps", eps)):
-        check_setting(name, value)
+    for field, value in (("lr", lr), ("l2", l2), ("beta1", beta1), ("beta2", beta2), ("eps", eps)):
+        check_setting(field, value)
     check_weight_decay(weight_decay, lr)
     if not (_is_int(state.step) and state.step >= 0):
         raise ValueError(f"Adam state's step must be a whole number >= 0, got {state.step!r}")
@@ -1605,7 +1604,7 @@ def average_params(average: Params, params: Params, decay: float) -> Params:
     SWA, Izmailov et al. 2018). The average is only ever evaluated: training continues from
     `params`.
     """
-    check_setting("average (the decay of the running average of weights)", decay)
+    check_setting("average", decay)
     if average.shapes != params.shapes:
         raise ValueError(f"average {average.shapes} does not match the parameters {params.shapes}")
     flat = np.multiply(average.flat, decay)
@@ -2775,7 +2774,7 @@ def _train_member(name: str, args: argparse.Namespace, config: Config) -> int:
     prints them."""
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (_Prefixed(stream, f"[{name}] ") for stream in streams)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    between_members = signal.signal(signal.SIGINT, signal.default_int_handler)   # SIG_IGN
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return run_train(args, config)
@@ -2788,7 +2787,7 @@ def _train_member(name: str, args: argparse.Namespace, config: Config) -> int:
         print(f"error: {_not_enough_memory(e)}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, between_members)
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams
