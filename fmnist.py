@@ -62,6 +62,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -3183,7 +3184,11 @@ def default_data_dir() -> Path:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except an absent one (None) or a switch's False."""
+    """Shows each option's default, except an absent one (None) or a switch's False, and wraps
+    lines at spaces only, so that a name like best-single or --no-flip-average stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False:
@@ -3217,7 +3222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def hyper(flag: str, help: str, **kw: Any) -> None:
         name = flag[2:].replace("-", "_")
-        values = "; ".join(f"{recipe}: {_flag_value(getattr(c, name))}" for recipe, c in RECIPES.items())
+        values = recipe_values(name)
         train.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} ({values})", **kw)
     hyper("--hidden", "hidden layer widths, comma-separated", type=_hidden_sizes)
     hyper("--dropout", "dropout rate on hidden layers", type=float)
@@ -3344,6 +3349,17 @@ def ensemble_from_args(args: argparse.Namespace) -> dict[str, Config]:
         except ValueError as e:
             raise ValueError(f"member {name} of --recipe {args.recipe}: {e}") from None
     return members
+
+
+def recipe_values(field: str) -> str:
+    """Each recipe's value of a hyperparameter, for --help, recipes that agree named together:
+    'every recipe: 0.001', or 'report, best-bn: 0.3; best-single, best-shift: 0.0'."""
+    groups: dict[str, list[str]] = {}
+    for recipe, config in RECIPES.items():
+        groups.setdefault(_flag_value(getattr(config, field)), []).append(recipe)
+    if len(groups) == 1:
+        return f"every recipe: {next(iter(groups))}"
+    return "; ".join(f"{', '.join(recipes)}: {value}" for value, recipes in groups.items())
 
 
 def _flag_value(value: Any) -> str:

@@ -3944,6 +3944,36 @@ def test_help_lists_each_new_commands_flags(command, flags):
     assert all(f in proc.stdout for f in flags), proc.stdout
 
 
+def parse_recipe_values(text: str) -> dict[str, str]:
+    """recipe_values's text back into {recipe: value}."""
+    if text.startswith("every recipe: "):
+        return dict.fromkeys(fmnist.RECIPES, text.removeprefix("every recipe: "))
+    values = {}
+    for group in text.split("; "):
+        recipes, value = group.split(": ", 1)
+        for recipe in recipes.split(", "):
+            assert recipe not in values, f"{recipe} named twice in {text!r}"
+            values[recipe] = value
+    return values
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Config)])
+def test_help_names_every_recipes_value_of_each_hyperparameter_once(field):
+    """Recipes that agree are named together ('every recipe: 0.001' when all do), so the help
+    stays short, yet every recipe's value can still be read off it."""
+    expected = {recipe: fmnist._flag_value(getattr(c, field)) for recipe, c in fmnist.RECIPES.items()}
+    assert parse_recipe_values(fmnist.recipe_values(field)) == expected
+
+
+def test_train_help_shows_grouped_values_and_keeps_hyphenated_names_whole():
+    """A name like best-single or --no-flip-average is never split across two lines."""
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Adam learning rate (every recipe: 0.001)" in proc.stdout
+    assert "(report, best-bn: 0.3; best-single, best-shift: 0.0)" in " ".join(proc.stdout.split())
+    assert not re.search(r"[\w-]-\n", proc.stdout), proc.stdout
+
+
 def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
     """Any file a run would write (here a lone best.npz) makes `train --out` refuse without
     --force, and the file stays as it was: nothing already there is overwritten by accident."""
