@@ -3184,14 +3184,14 @@ def default_data_dir() -> Path:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except an absent one (None) or a switch's False, and wraps
-    lines at spaces only, so that a name like best-single or --no-flip-average stays whole."""
+    """Shows each option's default, except an absent one (None, []) or a switch's False, and
+    wraps lines at spaces only, so that a name like best-single or --no-flip-average stays whole."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
 
@@ -3280,7 +3280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Redraw curves.png, confusion.png and mistakes.png "
                                                  "and rewrite report.md in a finished run directory.",
                              formatter_class=_HelpFormatter)
-    report_cmd.add_argument("run_dir", type=_path, help="a run directory written by train (an "
+    report_cmd.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="a run directory written by train (an "
                                                        "ensemble's: each member's report)")
     _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
     predict_cmd = add_command(
@@ -3291,10 +3291,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "side fitted to 28 and centred. Photos of a dark object on a light background "
                     "need --invert.",
         formatter_class=_HelpFormatter)
-    predict_cmd.add_argument("checkpoint", type=_path,
+    predict_cmd.add_argument("checkpoint", type=_path, metavar="CHECKPOINT",
                              help="a best.npz written by train, a run's directory (its best.npz) "
                                   "or an ensemble's directory (the mean of its members' answers)")
-    predict_cmd.add_argument("images", type=_path, nargs="*", metavar="IMAGE",
+    predict_cmd.add_argument("images", type=_path, nargs="*", metavar="IMAGE", default=[],
                              help="image files (PNG, JPEG, or anything Pillow reads)")
     predict_cmd.add_argument("--invert", action="store_true",
                              help="the images show a dark object on a light background")
@@ -3376,7 +3376,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
         if "" in extra:
             parser.error("an image path is an empty string")
-        args.images += [Path(e) for e in extra]
+        args.images = [*args.images, *map(Path, extra)]     # (not +=: [] is the default)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

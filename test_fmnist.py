@@ -1908,7 +1908,7 @@ def test_cli_help_works_for_each_command(command):
                           "--lr-schedule", "--flip", "--shift", "--label-smoothing", "--average",
                           "--flip-average", "--no-flip-average", "--cutout", "--input-dropout",
                           "--weight-decay"],
-                "evaluate": ["checkpoint", "--data-dir"]}["".join(command)]
+                "evaluate": ["CHECKPOINT", "--data-dir"]}["".join(command)]
     assert all(e in proc.stdout for e in expected), proc.stdout
 
 
@@ -3933,8 +3933,8 @@ def test_real_torchvision_download_from_a_local_mirror(monkeypatch, serve, tmp_p
 # ================================================================================================
 
 @pytest.mark.parametrize("command, flags", [
-    ("report", ["run_dir", "--data-dir"]),
-    ("predict", ["checkpoint", "IMAGE", "--invert", "--test-index", "--json"]),
+    ("report", ["RUN_DIR", "--data-dir"]),
+    ("predict", ["CHECKPOINT", "IMAGE", "--invert", "--test-index", "--json"]),
     ("gradcheck", ["--hidden", "--batch", "--seed"]),
     ("download", ["--data-dir", "--mirror", "--no-torchvision"]),
 ])
@@ -3972,6 +3972,24 @@ def test_train_help_shows_grouped_values_and_keeps_hyphenated_names_whole():
     assert "Adam learning rate (every recipe: 0.001)" in proc.stdout
     assert "(report, best-bn: 0.3; best-single, best-shift: 0.0)" in " ".join(proc.stdout.split())
     assert not re.search(r"[\w-]-\n", proc.stdout), proc.stdout
+
+
+def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
+    """Image files are optional (--test-index is the other way to name an image), so the usage
+    error names only what is missing: the checkpoint."""
+    with pytest.raises(SystemExit) as exit:
+        fmnist.main(["predict"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "required: CHECKPOINT" in err and "IMAGE" not in err.splitlines()[-1]
+
+
+def test_image_files_after_an_option_do_not_leak_into_the_next_parse():
+    """Images given after an option are added to a new list, not to the parser's default one,
+    so a second command parsed by the same program sees only its own images."""
+    parser = fmnist.build_parser()
+    first = fmnist.parse_args(parser, ["predict", "ckpt", "--invert", "a.png"])
+    second = fmnist.parse_args(parser, ["predict", "ckpt", "--test-index", "3"])
+    assert first.images == [Path("a.png")] and second.images == []
 
 
 def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
