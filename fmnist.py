@@ -29,14 +29,16 @@ Conventions, stated once:
   shape (fan_in, fan_out). (The report writes the column form `Z = W A + b`; it is the same
   network, transposed.)
 * `dZ` means dL/dZ, the gradient of the scalar loss with respect to `Z`, with the shape of `Z`.
-* The loss is the *mean* over the batch's B examples (the report writes a sum), hence the 1/B in
+* The loss is the *mean* over the batch's B examples (the report's sum does not say whether it
+  runs over classes or examples), hence the 1/B in
   dL/dZ_L, which then flows into every data gradient (not into L2's lambda W).
 * Parameters are an immutable mapping `W1, b1, ..., WL, bL -> read-only array` (with batch norm
   also scales `g1, ..., g_{L-1}`). Every stage
   (init_params, forward, backward, adam_step, train_epoch, evaluate, ...) returns new values and
   never writes into its inputs; the read-only flags make that checkable. The only functions that
   write into arrays they are given are the two kernels that say so (`adam_update`,
-  `flush_to_zero`), and they are only ever handed arrays their caller has just allocated.
+  `flush_to_zero`), and they are only ever handed arrays their caller owns: fresh ones, or the
+  private copies `train_epoch` makes once an epoch and updates step after step.
   Internally the arrays are views into one flat vector (weights first, then the rest), so the
   optimizer works on one vector rather than looping over layers.
 * Randomness comes in through explicit seeds (`np.random.default_rng([seed, epoch])`), so a run is
@@ -107,7 +109,7 @@ class Config:
     batch_size: int = 128                      # [4.1]
     epochs: int = 50                           # [4.1] at most
     patience: int = 10                         # [4.1] early stopping on validation accuracy
-    seed: int = 42                             # [2.2] init, shuffling, augmentation, dropout
+    seed: int = 42                             # init, shuffling, augmentation, dropout
     split_seed: int = 42                       # [2.2] the train/validation permutation
     val_size: int = 10_000                     # [2.2] 50,000 train / 10,000 validation
     dtype: str = "float32"
@@ -496,7 +498,7 @@ def make_splits(raw: RawData, config: Config = Config()) -> Splits:
     for images, labels in ((raw.train_images[train_idx], raw.train_labels[train_idx]),
                            (raw.train_images[val_idx], raw.train_labels[val_idx]),
                            (raw.test_images, raw.test_labels)):
-        arrays += [_readonly(normalise(images, config.dtype)), _readonly(labels.astype(np.intp))]
+        arrays += [normalise(images, config.dtype), _readonly(labels.astype(np.intp))]
     return Splits(*arrays)
 
 
@@ -780,7 +782,8 @@ class Params(Mapping):
 
     @property
     def flat(self) -> np.ndarray:
-        """All parameters as one read-only 1-D vector: the weights first, then the biases."""
+        """All parameters as one read-only 1-D vector: the weights first, then the biases (and
+        batch norm's scales)."""
         return self._flat
 
     @classmethod
@@ -921,7 +924,7 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
     return Params(flat, shapes)
 
 
-def dropout_masks(seed_or_rng: SeedOrRng, batch_size: int, hidden: Sequence[int], rate: float,
+def dropout_masks(rng: SeedOrRng, batch_size: int, hidden: Sequence[int], rate: float,
                   dtype: str = "float32") -> tuple[np.ndarray, ...] | None:
     """Inverted-dropout masks, one (B, h) array per hidden layer: 0 with probability `rate`,
     else 1 / (1 - rate), so the expected activation is unchanged and evaluation needs no rescaling.
@@ -929,7 +932,7 @@ def dropout_masks(seed_or_rng: SeedOrRng, batch_size: int, hidden: Sequence[int]
     check_setting("dropout", rate)
     if rate == 0.0:
         return None
-    rng = np.random.default_rng(seed_or_rng)
+    rng = np.random.default_rng(rng)
     scale = 1.0 / (1.0 - rate)
     masks = []
     for h in hidden:
@@ -1064,7 +1067,7 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
     for l in range(1, L):
         Z = A @ params[f"W{l}"]                               # (B, n_l)
         if normalise_batch:
-            Z, norm = batch_norm_forward(Z, params[f"g{l}"], params[f"b{l}"])
+            Z, norm = batch_norm_forward(Z, params[f"g{l}"], params[f"b{l}"])  # g Z_hat + b
             norms.append(norm)
         else:
             Z += params[f"b{l}"]
@@ -1087,11 +1090,12 @@ def forward(params: Mapping, x: np.ndarray, masks: Sequence[np.ndarray] | None =
 def log_softmax(z: np.ndarray) -> np.ndarray:
     """log softmax(z) row-wise, computed as z - max - log(sum(exp(z - max))): never overflows."""
     shifted = z - z.max(axis=1, keepdims=True)                # (B, K), max of each row is 0
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return _readonly(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """softmax(z) row-wise. Subtracting the row maximum first keeps exp() in (0, 1]."""
+    """softmax(z) row-wise. Subtracting the row maximum first keeps exp() in [0, 1]: it may
+    underflow to 0, but it never overflows."""
     return _readonly(_softmax(z))
 
 
@@ -1168,9 +1172,9 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
 
     Two roundings do it in two passes. With m the mantissa bits, the floats next to
-    c = 2^(m+1) t are s apart, with t < s <= 2t (s/2 on c's lower side when c is a power of two,
-    as for root 2). Adding c rounds every |x| < s/2 (at least every |x| < t/2) to c itself, and
-    subtracting c leaves exactly 0; any other small x comes back rounded to a multiple of that
+    c = 2^(m+1) t are s apart, with t < s <= 2t. Adding c rounds every |x| < s/2 to c itself,
+    and subtracting c leaves exactly 0. (When c is a power of two, as for root 2, s = 2t and the
+    spacing below c is only t, so a negative x needs |x| < t/2: either way every |x| < t/2.) any other small x comes back rounded to a multiple of that
     spacing, so a nonzero result is at least t. Other numbers move by at most 2t or one unit in
     their last place, and not at all once they are 2^(2m+3) t or larger.
     """
@@ -1370,6 +1374,7 @@ def check_adam_state(state: AdamState, params: Params) -> None:
 
 
 def adam_init(params: Mapping) -> AdamState:
+    """Adam's state before the first step: step 0, both moments zero, shaped like params."""
     params = Params.from_arrays(params)
     zeros = np.zeros_like(params.flat)
     return AdamState(0, params.like(zeros), params.like(zeros.copy()))
@@ -1387,7 +1392,9 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
 
     The bias corrections undo the zero start of m and v, so the first step has size ~lr in every
     coordinate whatever the gradient's scale. The last line is computed in the equivalent form
-    p - step_size * m_t / (sqrt(v_t) + eps_hat), moving both corrections into two scalars.
+    p - step_size * m_t / (sqrt(v_t) + eps_hat), moving both corrections into two scalars. These
+    formulas are what `_adam_slice` computes, line by line; it only arranges them to use little
+    memory (see `adam_update`).
 
     `l2` adds the L2 term's gradient l2 * W to the weights' gradients here, which is exactly
     what `backward(..., l2)` would have added (optax calls this `add_decayed_weights` before
@@ -1419,13 +1426,12 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     return params.like(p_new), AdamState(state.step + 1, params.like(m_new), params.like(v_new))
 
 
-ADAM_SLICE = 32_768     # numbers per slice: a slice of every array fits in a 2 MiB L2 cache
+ADAM_SLICE = 32_768     # numbers per slice: in float32, a slice of every array fits in 2 MiB of cache
 FLUSH_EVERY = 16        # steps between flushes of tiny numbers (see flush_to_zero)
 
 
 def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: float,
-                beta1: float, beta2: float, eps: float, l2: float, weight_decay: float = 0.0
-                ) -> None:
+                beta1: float, beta2: float, eps: float, l2: float, weight_decay: float) -> None:
     """Adam's step t on flat vectors (weights first, then biases), written into p_out, m_out,
     v_out. The outputs may be p, m, v themselves: `train_epoch` updates the buffers it owns in
     place, which saves writing three fresh 2.3 MB arrays every step; `adam_step` passes fresh
@@ -1489,8 +1495,9 @@ OnStep = Callable[[int, int, float, float], None]   # (step, steps, running loss
 
 class EpochStats(NamedTuple):
     """Running averages over an epoch's batches (with dropout on): loss and accuracy. The loss is
-    the plain cross-entropy of the batches as trained on (augmented, if augmentation is on), not
-    the label-smoothed objective, so runs with and without smoothing can be compared."""
+    the plain cross-entropy of the batches as trained on (augmented, if augmentation is on),
+    without L2 and not the label-smoothed objective, so runs with and without either can be
+    compared."""
 
     loss: float
     accuracy: float
@@ -1540,7 +1547,9 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
     check_adam_state(opt_state, params)
     shapes, hidden, n_w = params.shapes, layer_sizes_of(params)[1:-1], params.num_weights
     p, m, v = params.flat.copy(), opt_state.m.flat.copy(), opt_state.v.flat.copy()  # ours
-    current = Params(p.view(), shapes)            # a read-only window onto p, which Adam updates
+    # A read-only window onto p: the one Params whose values change (Adam updates p under it,
+    # step after step). It never leaves this function.
+    current = Params(p.view(), shapes)
     t = opt_state.step
     rng = np.random.default_rng([config.seed, epoch])
     loss_sum, correct, seen = 0.0, 0, 0
@@ -1549,10 +1558,11 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
         xb = augment(x[idx], rng, config.flip, config.shift, config.cutout,
                      config.input_dropout)                    # (B, 784)
         yb = y[idx]                                           # (B,)
-        masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype)
+        masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype.name)
         logits, cache = forward(current, xb, masks)
-        grads = backward(current, cache, yb, smoothing=config.label_smoothing)  # data term only:
-        t += 1                                        # adam_update adds L2's l2 W, one pass fewer
+        # l2=0 in backward: adam_update adds l2 W itself, bit for bit the same, one pass fewer
+        grads = backward(current, cache, yb, smoothing=config.label_smoothing)
+        t += 1
         adam_update(p, grads.flat, m, v, p_out=p, m_out=m, v_out=v, num_weights=n_w, t=t,
                     lr=learning_rate(config, t, steps), beta1=config.beta1, beta2=config.beta2,
                     eps=config.eps, l2=config.l2, weight_decay=config.weight_decay)
@@ -1649,7 +1659,7 @@ def fit(splits: Splits, config: Config = Config(), state: TrainState | None = No
                                                splits.y_train, config, epoch, on_step)
         averaging = config.average and epoch > 1          # it starts at epoch 1's parameters
         model = average_params(state.model, params, config.average) if averaging else params
-        if config.batch_norm:                             # predict with fixed statistics
+        if config.batch_norm:     # predict with fixed statistics (both names: see Evaluation)
             model = fold_batch_norm(params, splits.x_train[:BN_STATISTICS_IMAGES])
         val = evaluate(model, splits.x_val, splits.y_val, flip_average=config.flip_average)
         if not math.isfinite(val.loss):                   # finite weights, infinite logits
@@ -1698,7 +1708,8 @@ def predict_logits(params: Mapping, x: np.ndarray, chunk: int = EVAL_CHUNK,
     check_chunk(chunk)
     if has_batch_norm(params):
         raise ValueError("a network with batch norm predicts through its plain equivalent: "
-                         "pass fold_batch_norm(params, x_train) (fit does this every epoch)")
+                         f"pass fold_batch_norm(params, x_train[:{BN_STATISTICS_IMAGES}]) (fit "
+                         "does this every epoch)")
     logits = np.concatenate([_inference(params, x[i:i + chunk]) for i in range(0, len(x), chunk)]
                             or [np.empty((0, layer_sizes_of(params)[-1]), x.dtype)])
     if not flip_average:

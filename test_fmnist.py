@@ -522,7 +522,8 @@ def test_save_checkpoint_writes_only_what_load_checkpoint_reads(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", ["normalise", "cut_out", "drop_pixels", "softmax", "split_indices",
+@pytest.mark.parametrize("name", ["normalise", "cut_out", "drop_pixels", "softmax", "log_softmax",
+                                  "split_indices",
                                   "confusion_matrix", "per_class_metrics", "ensemble_logits",
                                   "class_probabilities"])
 def test_more_functions_return_read_only_arrays(name):
@@ -535,6 +536,7 @@ def test_more_functions_return_read_only_arrays(name):
            "cut_out": lambda: fmnist.cut_out(images, 0, 4),
            "drop_pixels": lambda: fmnist.drop_pixels(images, 0, 0.5),
            "softmax": lambda: fmnist.softmax(x),
+           "log_softmax": lambda: fmnist.log_softmax(x),
            "split_indices": lambda: split_indices(10, 3, 0),
            "confusion_matrix": lambda: confusion_matrix(y, y, 4),
            "per_class_metrics": lambda: per_class_metrics(confusion_matrix(y, y, 4)),
