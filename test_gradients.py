@@ -36,20 +36,26 @@ import fmnist as fm
 
 EPS64 = np.finfo(np.float64).eps   # 2.2e-16: relative rounding error of one float64 operation
 
-# Central differences (L(p + h) - L(p - h)) / 2h have two errors that pull h in opposite ways:
+# Central differences N(h) = (L(p + h) - L(p - h)) / 2h have two errors that pull h in opposite
+# ways:
 #   truncation  ~ h^2 / 6 * L'''             (shrinks with h: 1e-12 * L''' at h = 1e-6)
 #   rounding    ~ eps * |L| / h              (grows as h shrinks: 2e-10 * |L| at h = 1e-6)
-# h = 1e-6 makes both tiny; rounding dominates, so it sets the absolute tolerance below.
+# h = 1e-6 makes both tiny for most networks, and rounding sets the absolute tolerance below. But
+# L''' can be huge: with batch norm, a column whose variance is near BN_EPS (1e-5) made the
+# truncation error 200 times the tolerance (found by a targeted Hypothesis search; see
+# bn_truncation_case). So the checks use Richardson's extrapolation (4 N(h) - N(2h)) / 3, in
+# which the h^2 terms cancel, leaving h^4 ones; its rounding error is at most (4 + 1/2) / 3 = 1.5
+# times that of N(h).
 # (fmnist.gradient_check, the user's command, takes h = 1e-5 instead, where the two errors are about
 # equal, and one fixed relative tolerance; here the tolerance follows the rounding term, so a
 # smaller h, with less truncation error, can be used.)
 H = 1e-6
 
 # Measured, the finite-difference error stays below 1.3 * eps * max(1, |L|) / h on these networks;
-# 64 leaves a wide margin while still catching any real mistake (a wrong gradient is off by about
-# its own size, typically 1e-3 or more, against a tolerance near 1e-8).
-ROUNDING_SAFETY = 64
-FD_RTOL = 1e-6          # room for the truncation term h^2 L''' / 6, far below this
+# 64 (times Richardson's 1.5) leaves a wide margin while still catching any real mistake (a wrong
+# gradient is off by about its own size, typically 1e-3 or more, against a tolerance near 1e-8).
+ROUNDING_SAFETY = 64 * 1.5
+FD_RTOL = 1e-6          # room for what truncation is left after extrapolation
 
 # ReLU has a kink at 0 where it has no derivative: if a nudge of h carries a pre-activation Z across
 # 0, the finite difference measures the average of two slopes, not the derivative. A change of h in
@@ -204,6 +210,13 @@ def batch_norm_magnification(params, cache: fm.Cache) -> float:
     return magnification
 
 
+def richardson(loss, params) -> dict[str, np.ndarray]:
+    """(4 N(h) - N(2h)) / 3 for every parameter, N(h) the central difference
+    (L(p + h e_i) - L(p - h e_i)) / 2h: the h^2 error terms of the two cancel."""
+    fine, coarse = (fm.numerical_gradient(loss, params, h) for h in (H, 2 * H))
+    return {name: (4 * fine[name] - coarse[name]) / 3 for name in fine}
+
+
 def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
     assume(distance_to_kink(case) > KINK_MARGIN)
 
@@ -212,7 +225,7 @@ def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0
 
     _, cache = fm.forward(case.params, case.x, case.masks)
     analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
-    numeric = fm.numerical_gradient(loss, case.params, H)         # (L(p + h e_i) - L(p - h e_i)) / 2h
+    numeric = richardson(loss, case.params)
     loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
     assert_gradients_match(analytic, numeric, loss_scale)
 
@@ -281,8 +294,33 @@ def identical_rows_case(rows: int = 3, value: float = 3.0) -> Case:
                 rng.integers(0, 3, rows), None, 0.0)
 
 
+def bn_truncation_case() -> Case:
+    """A 2-3-4-3 batch-norm network (values rounded to 4 digits) found by a targeted Hypothesis
+    search: a column of layer 2 varies over the batch by about sqrt(BN_EPS), so the loss bends so
+    sharply along g1[0] that the plain central difference's truncation error at h = 1e-6 was
+    twice the tolerance (200 times at h = 1e-5). backward is right; Richardson's extrapolation
+    is what makes the check see that."""
+    params = {
+        "W1": [[1.024, 0.3589, -0.8636], [0.03135, 0.171, -0.08161]],
+        "b1": [-0.7593, -1.0, -0.1501], "g1": [-0.3864, 0.286, -0.09228],
+        "W2": [[-0.3104, 0.4821, -0.2902, 0.5198], [-0.7813, 0.009373, -0.5536, 0.2107],
+               [-0.01571, -1.542, 0.09783, -1.371]],
+        "b2": [0.2204, -0.1401, 0.4214, 0.1862], "g2": [-0.1501, 0.1099, -0.7596, 0.709],
+        "W3": [[0.04189, 0.01661, -0.08524], [0.5999, -0.3695, 0.07449],
+               [-0.1141, -0.5787, -0.2005], [-0.2071, 0.5205, -0.3591]],
+        "b3": [-0.3085, -0.2939, -0.9014]}
+    x = [[1.262, 1.0], [1.454, 1.578], [1.71, 0.0], [-3.0, 1.203e-12], [0.4704, -1.315],
+         [-0.4489, 1.292]]
+    kept = ([[1, 0, 1], [0, 0, 1], [1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 1]],
+            [[1, 1, 0, 1], [0, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]])
+    masks = tuple(np.array(k, np.float64) / (1 - 0.353) for k in kept)       # dropout 0.353
+    return Case(fm.Params.from_arrays({k: np.array(v) for k, v in params.items()}), np.array(x),
+                np.array([2, 0, 2, 0, 0, 0]), masks, 0.02169)
+
+
 @given(case=small_networks(dropout=True, l2=True, batch_norm=True))
 @example(case=identical_rows_case())
+@example(case=bn_truncation_case())
 def test_backward_with_batch_norm_matches_finite_differences(case):
     """With batch norm, backward is still the derivative of the loss, through the batch's mean
     and variance: every row's pre-activation enters them, so nudging one weight moves every
@@ -337,14 +375,32 @@ def test_batch_norm_output_has_mean_b_and_standard_deviation_g_over_the_batch(ca
         np.testing.assert_allclose(Z.std(axis=0), expected, rtol=1e-9, atol=1e-12)
 
 
+@given(offset=st.floats(100, 1e4), seed=st.integers(0, 2**32 - 1))
+def test_batch_norm_in_float32_centres_before_it_squares(offset, seed):
+    """In float32, a column whose values share a large offset (1000 + noise of spread 1, say)
+    still comes out with mean 0 and spread 1: the variance is the mean of (Z - mean)^2. The
+    textbook shortcut E[Z^2] - E[Z]^2 subtracts two numbers near 1e6 that agree in all but
+    their last digits, and float32 keeps only 7 of them."""
+    Z = (offset + np.random.default_rng(seed).normal(size=(64, 8))).astype(np.float32)
+    out, norm = fm.batch_norm_forward(Z, np.ones(8, np.float32), np.zeros(8, np.float32))
+    centred = Z.astype(np.float64) - Z.astype(np.float64).mean(axis=0)
+    expected = np.sqrt(centred.var(axis=0) / (centred.var(axis=0) + fm.BN_EPS))
+    np.testing.assert_allclose(out.astype(np.float64).std(axis=0), expected, rtol=1e-3)
+    mean_rounding = 8 * offset * np.finfo(np.float32).eps           # of float32's mean of Z
+    np.testing.assert_allclose(out.astype(np.float64).mean(axis=0), 0.0, atol=mean_rounding)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
 def test_gradients_have_the_keys_shapes_and_dtype_of_params(dtype, data):
     """backward returns one gradient per parameter, named and shaped like it, in the same dtype.
 
     The optimizer pairs each parameter with the gradient of the same name and subtracts them
-    elementwise, so a missing key or a transposed (fan_out, fan_in) matrix would break every step,
-    and a float64 gradient for float32 parameters would silently turn them into float64.
+    elementwise, so a missing key or a wrongly shaped matrix would break every step, and a float64
+    gradient for float32 parameters would silently turn them into float64. (This backward
+    allocates its gradients from the parameters' own shapes, so names and shapes hold by
+    construction; the test pins the contract for any rewrite. The dtype and finiteness checks are
+    the ones that can fail today.)
     """
     case = data.draw(small_networks(dtype=dtype, batch_norm=data.draw(st.booleans())))
     _, cache = fm.forward(case.params, case.x, case.masks)
@@ -383,6 +439,20 @@ def test_l2_adds_exactly_lambda_w_to_weight_gradients_only(case):
             penalty = case.l2 * p
             tolerance = 2 * EPS64 * (np.abs(without[name]) + np.abs(penalty))
             assert (np.abs((with_l2[name] - without[name]) - penalty) <= tolerance).all(), name
+
+
+def test_relu_passes_no_gradient_at_exactly_zero():
+    """ReLU has no derivative at 0; backward takes 0 there (the gate is 1[Z > 0]), as PyTorch
+    does. The finite-difference checks keep every Z away from 0, so they cannot see this case,
+    which is common in practice: zero biases and an all-black input give Z = 0 exactly. A gate
+    of 1[Z >= 0] would pass gradient to units that are off."""
+    params = fm.init_params((3, 4, 2), seed=0, dtype="float64")      # biases start at 0
+    x, labels = np.zeros((2, 3)), np.array([0, 0])
+    _, cache = fm.forward(params, x)
+    assert not cache.gates[0].any()                                     # Z1 = 0: every gate shut
+    grads = fm.backward(params, cache, labels)
+    assert not grads["b1"].any() and not grads["W1"].any()
+    assert grads["b2"].any()                                            # the output layer learns
 
 
 # ================================================================================================
@@ -573,7 +643,7 @@ def logit_gradient(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(data=st.data())
-def test_backwards_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype, data):
+def test_backward_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype, data):
     """Each row of backward's dL/dZ_L = (softmax(z) - onehot(y)) / B sums to (1 - 1) / B = 0.
 
     Seen from calculus: the loss does not change when a constant is added to a row of logits
@@ -588,17 +658,27 @@ def test_backwards_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype,
     np.testing.assert_allclose(dz.sum(axis=1), 0.0, rtol=0, atol=4 * K * np.finfo(dtype).eps / B)
 
 
-@given(z_and_labels=logits_and_labels("float32", 20.0))
+def flush_example() -> tuple[np.ndarray, np.ndarray]:
+    """Four rows whose second class has probability e^-42.65 = 3e-19: above sqrt(tiny) = 1.1e-19,
+    but divided by B = 4 below it, so the flush must come after the division by B."""
+    z = np.tile(np.array([21.3, -21.35, 0.0], np.float32), (4, 1))
+    return z, np.zeros(4, np.intp)
+
+
+@given(z_and_labels=logits_and_labels("float32", 30.0))
+@example(z_and_labels=flush_example())
 def test_float32_logit_gradient_is_the_float64_one_but_for_the_flushed_tiny_numbers(z_and_labels):
     """backward flushes entries of dL/dZ_L below about 1e-19 to zero (flush_to_zero, to keep
     subnormal numbers out of the matrix products) and changes nothing else: in float32, with
-    logits within +-20 (probabilities down to e^-40 = 4e-18), every entry equals the float64
+    logits within +-30 (probabilities down to e^-60 = 9e-27, so some entries are flushed), no
+    nonzero entry is below sqrt(tiny) = 1.1e-19, and every entry equals the float64
     (softmax(z) - onehot(y)) / B of the same logits to 1e-4 relative, or to 2 sqrt(tiny) = 2.2e-19
     absolute, plus float32's rounding of p - 1 in the true class. A flush at a higher threshold
-    would zero probabilities that still count."""
+    would zero probabilities that still count; a lower one, or none, would leave tiny numbers."""
     z, labels = z_and_labels
     B, K = z.shape
     dz = logit_gradient(z, labels).astype(np.float64)                          # (B, K)
+    assert (np.abs(dz[dz != 0]) >= np.sqrt(np.finfo(np.float32).tiny)).all()
     expected = (fm.softmax(z.astype(np.float64)) - onehot(labels, K)) / B
     flushed = 2 * np.sqrt(np.finfo(np.float32).tiny)
     rounding_of_p_minus_1 = onehot(labels, K) * 4 * np.finfo(np.float32).eps / B
@@ -635,7 +715,7 @@ def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
     float64 from the logits, and their sums over the classes against zero."""
     params, B = case.params, len(case.labels)
     dtype = params.flat.dtype
-    L = len(params) // 2
+    L = fm.num_layers(params)
     logits, cache = fm.forward(params, case.x, case.masks)
     grads = fm.backward(params, cache, case.labels, case.l2, smoothing)
     K = logits.shape[1]
