@@ -1172,11 +1172,12 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
 
     Two roundings do it in two passes. With m the mantissa bits, the floats next to
-    c = 2^(m+1) t are s apart, with t < s <= 2t. Adding c rounds every |x| < s/2 to c itself,
-    and subtracting c leaves exactly 0. (When c is a power of two, as for root 2, s = 2t and the
-    spacing below c is only t, so a negative x needs |x| < t/2: either way every |x| < t/2.) any other small x comes back rounded to a multiple of that
-    spacing, so a nonzero result is at least t. Other numbers move by at most 2t or one unit in
-    their last place, and not at all once they are 2^(2m+3) t or larger.
+    c = 2^(m+1) t are s apart, with t < s <= 2t, except when c is a power of two (as for root 2):
+    then they are s = 2t apart above c but only t apart below it. Adding c rounds x to c itself
+    when -s/2 < x < s/2 (-t/2 <= x < t for a power of two), so every |x| < t/2 either way, and
+    subtracting c then leaves exactly 0. Any other small x comes back rounded to a multiple of
+    the spacing, so a nonzero result is at least t. Other numbers move by at most 2t or one unit
+    in their last place, and not at all once they are 2^(2m+3) t or larger.
     """
     info = np.finfo(a.dtype)
     c = a.dtype.type(info.tiny ** (1.0 / root) * 2.0 ** (info.nmant + 1))
@@ -3196,10 +3197,17 @@ def default_data_dir() -> Path:
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except an absent one (None, []) or a switch's False, and
-    wraps lines at spaces only, so that a name like best-single or --no-flip-average stays whole."""
+    wraps lines at spaces only, so that a name like best-single, --no-flip-average or a URL
+    stays whole (a word longer than the line runs past its end rather than being cut)."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False,
+                             break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False,
+                             break_long_words=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or action.default == []:
@@ -3210,19 +3218,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmnist", description="A Fashion-MNIST MLP in NumPy, from scratch, as pure functions.",
-        allow_abbrev=False)
+        allow_abbrev=False, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # no abbreviations: `--no-flip` must not quietly mean `--no-flip-average`
-    add_command = partial(commands.add_parser, allow_abbrev=False)
+    add_command = partial(commands.add_parser, allow_abbrev=False, formatter_class=_HelpFormatter)
     train = add_command(
         "train", help="train the MLP and evaluate it",
         description="Train on the shipped data with the report's recipe, or with one found "
                     "here (README: \"How far can an MLP go\"): --recipe best trains two networks "
                     "and averages their predictions, --recipe best-single the best single one. A "
                     "flag given explicitly overrides the recipe's value; each flag's help shows "
-                    "every recipe's value.",
-        formatter_class=_HelpFormatter)
+                    "every recipe's value.")
     train.add_argument("--recipe", choices=(*RECIPES, *ENSEMBLES), default=None,
                        help="starting values of every hyperparameter: the report's (the "
                             "default) or those found here; 'best' trains an ensemble of "
@@ -3237,12 +3244,12 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} ({values})", **kw)
     hyper("--hidden", "hidden layer widths, comma-separated", type=_hidden_sizes)
     hyper("--dropout", "dropout rate on hidden layers", type=float)
-    hyper("--l2", "L2 strength lambda: the penalty (lambda/2) sum ||W||^2, gradient lambda W "
-                  "(--l2 2e-4: the report's term as written, lambda = 1e-4)", type=float)
+    hyper("--l2", "L2 strength lambda: the penalty (lambda/2) sum ||W||^2, gradient lambda W; "
+                  "--l2 2e-4 is the report's term as written, lambda = 1e-4", type=float)
     hyper("--lr", "Adam learning rate", type=float)
     hyper("--lr-schedule", "learning rate schedule", choices=SCHEDULES)
-    hyper("--weight-decay", "AdamW: decay of the weights per step, times the learning rate "
-                            "(0: off)", type=float)
+    hyper("--weight-decay", "AdamW: decay of the weights per step, times the learning rate; "
+                            "0: off", type=float)
     hyper("--beta1", "Adam beta1", type=float)
     hyper("--beta2", "Adam beta2", type=float)
     hyper("--eps", "Adam epsilon", type=float)
@@ -3252,12 +3259,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: never stop early", type=_whole_number)
     hyper("--flip", "probability of mirroring a training image", type=float)
     hyper("--shift", "random shifts of training images, up to this many pixels", type=_whole_number)
-    hyper("--cutout", "black out a square of this many pixels a side in each training image "
-                      "(0: off)", type=_whole_number)
+    hyper("--cutout", "black out a square of this many pixels a side in each training image; "
+                      "0: off", type=_whole_number)
     hyper("--input-dropout", "dropout rate on the input pixels", type=float)
     hyper("--label-smoothing", "weight of the uniform distribution in the targets", type=float)
-    hyper("--average", "evaluate a running average of the weights, with this decay per epoch "
-                       "(0: off)", type=float)
+    hyper("--average", "evaluate a running average of the weights, with this decay per epoch; "
+                       "0: off", type=float)
     hyper("--flip-average", "predict from each image and its mirror image",
           action=argparse.BooleanOptionalAction)
     hyper("--batch-norm", "normalise each hidden layer's pre-activations over the batch",
@@ -3279,8 +3286,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(member=None)       # the name of an ensemble's member (set by run_ensemble)
     evaluate_cmd = add_command("evaluate", help="evaluate a saved checkpoint or an ensemble",
                                        description="Print the full evaluation of a checkpoint, or "
-                                                   "of several as an ensemble.",
-                               formatter_class=_HelpFormatter)
+                                                   "of several as an ensemble.")
     evaluate_cmd.add_argument("checkpoints", type=_path, nargs="+", metavar="CHECKPOINT",
                               help="a best.npz written by train, a run's directory (its "
                                    "best.npz), or the directory of an ensemble run; several are "
@@ -3289,8 +3295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_flag(evaluate_cmd)
     report_cmd = add_command("report", help="draw the pictures and write report.md of a run",
                                      description="Redraw curves.png, confusion.png and mistakes.png "
-                                                 "and rewrite report.md in a finished run directory.",
-                             formatter_class=_HelpFormatter)
+                                                 "and rewrite report.md in a finished run directory.")
     report_cmd.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="a run directory written by train (an "
                                                        "ensemble's: each member's report)")
     _data_dir_flag(report_cmd, "folder with the IDX files (the test images are drawn)")
@@ -3300,8 +3305,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "size or colour is made into a 28x28 grayscale image the way Fashion-MNIST's "
                     "were: a light object on a dark background, trimmed to the object, longest "
                     "side fitted to 28 and centred. Photos of a dark object on a light background "
-                    "need --invert.",
-        formatter_class=_HelpFormatter)
+                    "need --invert.")
     predict_cmd.add_argument("checkpoint", type=_path, metavar="CHECKPOINT",
                              help="a best.npz written by train, a run's directory (its best.npz) "
                                   "or an ensemble's directory (the mean of its members' answers)")
@@ -3319,8 +3323,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "every parameter the largest relative error between backward and central "
                     "finite differences of the loss (cross-entropy + L2, one fixed dropout mask). "
                     "It computes the loss twice per parameter, so its time grows with the "
-                    "network: seconds for the default, half a minute for --hidden 64.",
-        formatter_class=_HelpFormatter)
+                    "network: seconds for the default, half a minute for --hidden 64.")
     gradcheck_cmd.add_argument("--hidden", type=_hidden_sizes, default="8,6",
                                help="hidden layer widths, comma-separated")
     gradcheck_cmd.add_argument("--batch", type=_positive_number, default=4, help="batch size")
@@ -3332,8 +3335,7 @@ def build_parser() -> argparse.ArgumentParser:
         "download", help="download and verify the four Fashion-MNIST files",
         description="Fetch the four official files into --data-dir, with torchvision if it is "
                     "installed, else from the mirror with the standard library; checksums are "
-                    "verified before a file is written. Files already valid are kept.",
-        formatter_class=_HelpFormatter)
+                    "verified before a file is written. Files already valid are kept.")
     _data_dir_flag(download_cmd, "where to put the files", default=Path("data"))
     download_cmd.add_argument("--mirror", default=MIRROR,
                               help="base URL of the .gz files (without torchvision)")

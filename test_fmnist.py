@@ -3967,13 +3967,26 @@ def test_help_names_every_recipes_value_of_each_hyperparameter_once(field):
     assert parse_recipe_values(fmnist.recipe_values(field)) == expected
 
 
-def test_train_help_shows_grouped_values_and_keeps_hyphenated_names_whole():
-    """A name like best-single or --no-flip-average is never split across two lines."""
+def test_train_help_shows_each_value_once_for_recipes_that_agree():
     proc = run_cli("train", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "Adam learning rate (every recipe: 0.001)" in proc.stdout
-    assert "(report, best-bn: 0.3; best-single, best-shift: 0.0)" in " ".join(proc.stdout.split())
-    assert not re.search(r"[\w-]-\n", proc.stdout), proc.stdout
+    text = " ".join(proc.stdout.split())                  # whatever the terminal's width
+    assert "Adam learning rate (every recipe: 0.001)" in text
+    assert "(report, best-bn: 0.3; best-single, best-shift: 0.0)" in text
+
+
+@pytest.mark.parametrize("columns", [40, 52, 80, 100, 120])
+@pytest.mark.parametrize("command", ["", "train", "evaluate", "report", "predict", "gradcheck",
+                                     "download"])
+def test_help_never_splits_a_hyphenated_name_across_lines(command, columns, monkeypatch, capsys):
+    """best-single, --no-flip-average, Fashion-MNIST's or the mirror's URL stay whole at any
+    terminal width (argparse wraps to $COLUMNS): description and options wrap at spaces only."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    with pytest.raises(SystemExit) as exit:
+        fmnist.main([*command.split(), "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("usage: fmnist")
+    assert not re.search(r"[\w-]-\n", out), out
 
 
 def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
