@@ -3204,10 +3204,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False,
                              break_long_words=False)
 
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
-                             subsequent_indent=indent, break_on_hyphens=False,
-                             break_long_words=False)
+    def _fill_text(self, text: str, width: int, indent: str) -> str:       # descriptions
+        return "\n".join(indent + line for line in self._split_lines(text, width - len(indent)))
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or action.default == []:

@@ -64,6 +64,14 @@ def raw() -> RawData:
     return load_fashion_mnist(DATA)
 
 
+def exit_code_of_main(argv) -> int:
+    """fmnist.main(argv) in this process, for a command that ends in SystemExit (--help, a usage
+    error): its exit code."""
+    with pytest.raises(SystemExit) as stopped:
+        fmnist.main(argv)
+    return stopped.value.code
+
+
 def writable(params) -> dict:
     """A plain dict of fresh, writable copies: a function that wrote into its inputs could, here."""
     return {k: np.array(v) for k, v in params.items()}
@@ -2692,9 +2700,8 @@ def test_missing_file_message_suggests_a_command_that_exists(tmp_path, capsys):
     with pytest.raises(DataError) as err:
         load_fashion_mnist(tmp_path)
     for command in re.findall(r"python fmnist\.py (\w+)", str(err.value)):
-        with pytest.raises(SystemExit) as exit_:
-            fmnist.main([command, "--help"])
-        assert exit_.value.code == 0, f"`{command}` is not a command: {capsys.readouterr().err}"
+        code = exit_code_of_main([command, "--help"])
+        assert code == 0, f"`{command}` is not a command: {capsys.readouterr().err}"
 
 
 # ================================================================================================
@@ -3164,9 +3171,7 @@ def test_cli_refuses_abbreviated_flags(tmp_path, capsys):
 
 def _train_usage_error(argv, tmp_path, capsys) -> str:
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exit_:
-        fmnist.main(["train", *argv, "--out", str(out)])
-    assert exit_.value.code == 2
+    assert exit_code_of_main(["train", *argv, "--out", str(out)]) == 2
     assert not out.exists()
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
@@ -3982,20 +3987,18 @@ def test_help_never_splits_a_hyphenated_name_across_lines(command, columns, monk
     """best-single, --no-flip-average, Fashion-MNIST's or the mirror's URL stay whole at any
     terminal width (argparse wraps to $COLUMNS): description and options wrap at spaces only."""
     monkeypatch.setenv("COLUMNS", str(columns))
-    with pytest.raises(SystemExit) as exit:
-        fmnist.main([*command.split(), "--help"])
+    code = exit_code_of_main([*command.split(), "--help"])
     out = capsys.readouterr().out
-    assert exit.value.code == 0 and out.startswith("usage: fmnist")
+    assert code == 0 and out.startswith("usage: fmnist")
     assert not re.search(r"[\w-]-\n", out), out
 
 
 def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
     """Image files are optional (--test-index is the other way to name an image), so the usage
     error names only what is missing: the checkpoint."""
-    with pytest.raises(SystemExit) as exit:
-        fmnist.main(["predict"])
+    code = exit_code_of_main(["predict"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "required: CHECKPOINT" in err and "IMAGE" not in err.splitlines()[-1]
+    assert code == 2 and "required: CHECKPOINT" in err and "IMAGE" not in err.splitlines()[-1]
 
 
 def test_image_files_after_an_option_do_not_leak_into_the_next_parse():
@@ -4075,9 +4078,7 @@ def test_an_empty_path_is_a_usage_error_not_the_current_directory(argv, capsys, 
     """`--out "$OUT"` with OUT unset must not write a run into the current directory: an empty
     path is refused (exit 2) before anything is read or written."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
-        fmnist.main(argv)
-    assert stopped.value.code == 2
+    assert exit_code_of_main(argv) == 2
     assert "expected a path, got an empty string" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -4144,9 +4145,8 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatc
 
 def test_an_empty_image_path_after_an_option_is_a_usage_error(tmp_path, capsys):
     """predict's images may follow an option; an empty one there is refused like one before it."""
-    with pytest.raises(SystemExit) as e:
-        fmnist.main(["predict", str(tmp_path), "a.png", "--invert", ""])
-    assert e.value.code == 2 and "an image path is an empty string" in capsys.readouterr().err
+    code = exit_code_of_main(["predict", str(tmp_path), "a.png", "--invert", ""])
+    assert code == 2 and "an image path is an empty string" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["not json", '{"lr": -1}'])
