@@ -44,11 +44,11 @@ EPS64 = np.finfo(np.float64).eps   # 2.2e-16: relative rounding error of one flo
 # L''' can be huge: with batch norm, a column whose variance is near BN_EPS (1e-5) made the
 # error 1.4 times the tolerance at h = 1e-6, and 100 times larger at h = 1e-5: truncation
 # (found by a targeted Hypothesis search; see bn_truncation_case). So the checks use Richardson's
-# extrapolation (4 N(h) - N(2h)) / 3, in which the h^2 terms cancel, leaving h^4 ones; its
-# rounding error is at most (4 + 1/2) / 3 = 1.5 times that of N(h).
-# (fmnist.gradient_check, the user's command, takes h = 1e-5 instead, where the two errors are about
-# equal, and one fixed relative tolerance; here the tolerance follows the rounding term, so a
-# smaller h, with less truncation error, can be used.)
+# extrapolation (4 N(h) - N(2h)) / 3, fm.richardson_gradient, in which the h^2 terms cancel,
+# leaving h^4 ones; its rounding error is at most (4 + 1/2) / 3 = 1.5 times that of N(h).
+# (fmnist.gradient_check, the user's command, extrapolates the same way from h = 1e-5, with one
+# fixed relative tolerance; here the tolerance follows the rounding term, so a smaller h, with
+# less truncation error, can be used.)
 H = 1e-6
 
 # Measured, the finite-difference error stays below 1.3 * eps * max(1, |L|) / h on these networks;
@@ -210,13 +210,6 @@ def batch_norm_magnification(params, cache: fm.Cache) -> float:
     return magnification
 
 
-def richardson(loss, params) -> dict[str, np.ndarray]:
-    """(4 N(h) - N(2h)) / 3 for every parameter, N(h) the central difference
-    (L(p + h e_i) - L(p - h e_i)) / 2h: the h^2 error terms of the two cancel."""
-    fine, coarse = (fm.numerical_gradient(loss, params, h) for h in (H, 2 * H))
-    return {name: (4 * fine[name] - coarse[name]) / 3 for name in fine}
-
-
 def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
     assume(distance_to_kink(case) > KINK_MARGIN)
 
@@ -225,7 +218,7 @@ def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0
 
     _, cache = fm.forward(case.params, case.x, case.masks)
     analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
-    numeric = richardson(loss, case.params)
+    numeric = fm.richardson_gradient(loss, case.params, H)
     loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
     assert_gradients_match(analytic, numeric, loss_scale)
 
