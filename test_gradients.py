@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -325,6 +325,18 @@ def test_backward_with_batch_norm_matches_finite_differences(case):
     batch_norm_magnification) and the tolerance with it.
     """
     check_backward_against_finite_differences(case)
+
+
+@settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 4 losses per parameter
+@given(hidden=st.lists(st.integers(1, 4), min_size=1, max_size=3), batch=st.integers(2, 5),
+       seed=st.integers(0, 2**32 - 1), batch_norm=st.booleans())
+@example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences: 1.7x the tol
+def test_the_gradcheck_command_passes_the_modules_own_backward(hidden, batch, seed, batch_norm):
+    """`fmnist gradcheck` must say PASS for this module's backward on any small network it
+    builds, batch norm included (a learner who sees FAIL will look for a bug that is not there).
+    Its fixed relative tolerance is not the rounding-aware one above, so it is checked on its own."""
+    case = fm.gradcheck_case(tuple(hidden), batch, seed, batch_norm=batch_norm)
+    assert max(error for _, error in fm.gradient_check(case).values()) < fm.GRADCHECK_TOL
 
 
 @given(case=small_networks(dropout=True, l2=False, batch_norm=True), data=st.data())
