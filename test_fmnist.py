@@ -663,6 +663,32 @@ def test_adamw_with_no_gradient_only_shrinks_the_weights(seed, wd, lr, dtype):
     assert not state.m.flat.any() and not state.v.flat.any()
 
 
+@pytest.mark.parametrize("slice_size", [1, 3, 7, 10**9])
+@pytest.mark.parametrize("l2, wd", [(0.0, 0.0), (0.1, 0.0), (0.0, 2.0), (0.1, 2.0)])
+def test_adam_step_is_the_formula_whatever_the_slice_size_with_l2_and_weight_decay(
+        monkeypatch, slice_size, l2, wd):
+    """adam_update works through the flat vector in slices of ADAM_SLICE numbers, weights then
+    biases. The report's network has 570k parameters, 18 slices; every other Adam test fits in
+    one. Small slices here cross slice boundaries and the weights/biases boundary, so a slice
+    loop that skipped or repeated numbers, or gave the biases the weights' L2 or decay, fails.
+    L2 and AdamW together: L2's gradient goes through Adam's division, the decay outside it."""
+    monkeypatch.setattr(fmnist, "ADAM_SLICE", slice_size)
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(1)
+    params = init_params((13, 5, 3), 0, "float64")                     # 65 weights, 8 biases
+    grads = Params.from_arrays({k: rng.normal(0, 1, a.shape) for k, a in params.items()})
+    new, state = adam_step(params, grads, adam_init(params), lr, b1, b2, eps, l2=l2, weight_decay=wd)
+    for k, p in params.items():
+        weight = k.startswith("W")
+        g = grads[k] + (l2 * p if weight else 0.0)
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        shrink = 1 - lr * wd if weight else 1.0
+        expected = shrink * p - lr / (1 - b1) * m / (np.sqrt(v / (1 - b2)) + eps)
+        np.testing.assert_allclose(new[k], expected, rtol=1e-12, atol=1e-15, err_msg=k)
+        np.testing.assert_allclose(state.m[k], m, rtol=1e-12, atol=0, err_msg=k)
+        np.testing.assert_allclose(state.v[k], v, rtol=1e-12, atol=0, err_msg=k)
+
+
 def test_adam_state_step_counts_updates_and_starts_at_zero():
     """The bias corrections use t, so the state must count each update exactly once."""
     params = init_params((3, 2), 0, "float64")
@@ -1434,6 +1460,21 @@ def test_make_splits_with_limit_takes_the_first_training_indices(raw):
     assert np.array_equal(s.y_val, raw.train_labels[val_idx])
     assert np.array_equal(s.y_test, raw.test_labels)
     assert np.issubdtype(s.y_train.dtype, np.integer)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_make_splits_gives_every_split_in_the_configs_dtype(dtype):
+    """Config.dtype decides the dtype of all three splits' images (labels are always intp)."""
+    rng = np.random.default_rng(0)
+    raw = RawData(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+                  rng.integers(0, 10, 50).astype(np.uint8),
+                  rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
+                  rng.integers(0, 10, 7).astype(np.uint8))
+    s = make_splits(raw, Config(dtype=dtype, val_size=10))
+    for x in (s.x_train, s.x_val, s.x_test):
+        assert x.dtype == np.dtype(dtype)
+    assert np.array_equal(s.x_test, normalise(raw.test_images, dtype))
+    assert {y.dtype for y in (s.y_train, s.y_val, s.y_test)} == {np.dtype(np.intp)}
 
 
 # ================================================================================================
