@@ -2041,8 +2041,12 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
             held = "a " + _dashed(layer_sizes_of(arrays)) + " network"
         except (KeyError, IndexError, ValueError):
             held = f"arrays {sorted(arrays)}"
+        differs = [f"{what} {', '.join(sorted(names))}" for what, names in
+                   (("unexpected", set(arrays) - set(expected)),
+                    ("missing", set(expected) - set(arrays))) if names]
         raise CheckpointError(f"{path}: holds {held}, but its config describes "
-                              f"{_dashed(config.layer_sizes)} ({list(expected)})")
+                              f"{_dashed(config.layer_sizes)} ({list(expected)}): "
+                              f"{'; '.join(differs)}")
     for name, shape in expected.items():
         _check_array(path, name, arrays[name], shape, config)
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta

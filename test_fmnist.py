@@ -1213,6 +1213,63 @@ def test_fit_with_average_evaluates_the_running_average_and_trains_the_params(ra
     assert bits(final.best_params) == bits(states[final.best.epoch - 1].model)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("steps, where", [(1, r"parameters became non-finite in epoch 1"),
+                                          (2, r"loss reached nan at epoch 1, step 2")])
+def test_train_epoch_never_returns_non_finite_parameters(raw, steps, where):
+    """A step of ~1e39 overflows float32: the epoch must stop with DivergedError, naming the step
+    whose loss is NaN (the second), or, when that was the epoch's last update, the epoch; it must
+    never hand back parameters that are inf or NaN."""
+    config = Config(hidden=(8,), batch_size=32, lr=1e39)
+    x, y = normalise(raw.train_images[:32 * steps]), raw.train_labels[:32 * steps].astype(np.intp)
+    params = init_params(config.layer_sizes, 0)
+    with pytest.raises(fmnist.DivergedError, match=where):
+        train_epoch(params, adam_init(params), x, y, config)
+
+
+def test_on_step_hears_running_averages_over_the_examples_seen(raw):
+    """on_step(step, steps, loss, accuracy) gets averages over the examples seen so far: so
+    accuracy * seen counts correct predictions (a whole number that grows by at most a batch),
+    and the last call is the epoch's EpochStats."""
+    config = Config(hidden=(16,), batch_size=64, dropout=0.2)
+    n = 64 * 5 + 17
+    x, y = normalise(raw.train_images[:n]), raw.train_labels[:n].astype(np.intp)
+    params, calls = init_params(config.layer_sizes, 0), []
+    _, _, stats = train_epoch(params, adam_init(params), x, y, config,
+                              on_step=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(s, 6) for s in range(1, 7)]
+    seen = [min(s * 64, n) for s in range(1, 7)]
+    counts = [acc * k for (*_, acc), k in zip(calls, seen)]
+    assert np.allclose(counts, np.round(counts), atol=1e-9), counts
+    assert all(0 <= b - a <= 64 for a, b in zip([0, *np.round(counts)], np.round(counts)))
+    assert calls[-1][2:] == pytest.approx((stats.loss, stats.accuracy), rel=1e-12)
+
+
+def test_fit_trains_epoch_e_as_train_epoch_with_epoch_e(raw):
+    """fit is a fold of train_epoch: its epoch e is train_epoch(previous state, epoch=e), drawing
+    from [seed, e], bit for bit (what makes a run reproducible from its config alone)."""
+    config = Config(hidden=(16,), epochs=2, limit=300, dropout=0.2)
+    splits = _tiny_splits(raw, 300, 100)
+    state = fmnist.initial_state(config)
+    for fitted, record in fit(splits, config):
+        params, opt, _ = train_epoch(state.params, state.opt_state, splits.x_train,
+                                     splits.y_train, config, record["epoch"])
+        assert bits(fitted.params) == bits(params) and fitted.opt_state.step == opt.step
+        state = fitted
+
+
+def test_history_records_each_epochs_own_validation_count(raw):
+    """Each history record describes its own epoch: val_correct is what that epoch's model got
+    right (not the best so far), consistent with its val_accuracy."""
+    splits = _tiny_splits(raw, noisy_val=True)
+    config = Config(hidden=(16,), epochs=30, patience=2, batch_size=64, limit=500)
+    for state, record in fit(splits, config):
+        ev = evaluate(state.model, splits.x_val, splits.y_val)
+        assert (record["val_correct"], record["val_accuracy"]) == (ev.correct, ev.accuracy)
+    assert state.best.epoch < state.epoch           # some record was not the best one
+
+
 # ================================================================================================
 # Batch norm: trained over batches, folded into a plain network for prediction
 # ================================================================================================
@@ -1687,6 +1744,18 @@ def test_parse_idx_returns_a_valid_array_or_raises_data_error(data):
     assert a.ndim == 3 or a.size == 0 or a.max() <= 9
 
 
+def test_load_test_set_checks_the_checksums_too(tmp_path):
+    """predict --test-index reads only the two test files; they are verified like all four."""
+    for name in fmnist.TEST_FILES:
+        shutil.copy(DATA / f"{name}.gz", tmp_path)
+    name = "t10k-labels-idx1-ubyte"
+    wrong = bytearray(shipped(name))
+    wrong[-1] = (wrong[-1] + 1) % 10
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(bytes(wrong)))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        fmnist.load_test_set(tmp_path)
+
+
 # ================================================================================================
 # Checkpoints
 # ================================================================================================
@@ -2144,6 +2213,38 @@ def test_train_command_parses_back_to_the_same_config(config):
     assert train_config(*command.split()[3:]) == config
 
 
+def test_a_run_reports_the_best_epoch_and_its_figures_consistently(raw, tmp_path, monkeypatch, capsys):
+    """A run whose best epoch is not its last (validation labels are random here): metrics.json,
+    best.npz and the printed table describe the best epoch's network, and the per-class figures
+    and the largest confusions are those of the test confusion matrix."""
+    noisy = fmnist.make_splits
+
+    def make_splits(raw_data, config):
+        splits = noisy(raw_data, config)
+        return splits._replace(y_val=np.random.default_rng(0).integers(0, 10, len(splits.y_val)))
+
+    monkeypatch.setattr(fmnist, "make_splits", make_splits)
+    out = tmp_path / "run"
+    assert fmnist.main(["train", "--limit", "500", "--hidden", "16", "--epochs", "6",
+                        "--patience", "0", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    best = metrics["best_epoch"]
+    assert best < metrics["epochs_run"]
+    assert metrics["val_accuracy"] == history[best - 1]["val_accuracy"]
+    assert load_checkpoint(out / "best.npz")[2]["epoch"] == best
+    c = np.array(metrics["confusion"])
+    for i, m in enumerate(metrics["per_class"]):
+        assert m["recall"] == pytest.approx(c[i, i] / c[i].sum())
+        assert m["precision"] == pytest.approx(c[i, i] / c[:, i].sum())
+        assert (f"{m['class']:<12} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} "
+                f"{m['support']:8d}") in printed
+    for t in metrics["top_confusions"]:
+        a, b = fmnist.CLASS_NAMES.index(t["a"]), fmnist.CLASS_NAMES.index(t["b"])
+        assert (t["a_as_b"], t["b_as_a"]) == (c[a, b], c[b, a])
+
+
 # ================================================================================================
 # Resuming: a run saved after any epoch continues to the same result, bit for bit
 # ================================================================================================
@@ -2510,6 +2611,29 @@ def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_
     params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
                                    adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
     assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=10)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dtype="float64", average=0.5),
+                                     dict(dtype="float64", batch_norm=True)])
+def test_every_state_fit_yields_round_trips_through_save_state_exactly(raw, tmp_path, options):
+    """save_state then load_state gives back the very TrainState, every field (params, moments,
+    step, epoch, best, best_params, model), for each kind of run, float64 ones included."""
+    config = Config(hidden=(16,), epochs=4, limit=300, **options)
+    splits = make_splits(raw, config)           # in the config's dtype; random validation labels
+    splits = splits._replace(x_val=splits.x_val[:200],
+                             y_val=np.random.default_rng(0).integers(0, 10, 200))
+    history = []
+    for state, record in fit(splits, config):
+        history.append(record)
+        fmnist.save_state(tmp_path / "state.npz", state, config, history)
+        loaded, loaded_config, loaded_history = fmnist.load_state(tmp_path / "state.npz")
+        assert (loaded_config, loaded_history) == (config, history)
+        assert (loaded.epoch, loaded.best, loaded.opt_state.step) == (state.epoch, state.best,
+                                                                      state.opt_state.step)
+        for name in ("params", "best_params", "model"):
+            assert bits(getattr(loaded, name)) == bits(getattr(state, name)), name
+        assert bits(loaded.opt_state.m) == bits(state.opt_state.m)
+        assert bits(loaded.opt_state.v) == bits(state.opt_state.v)
 
 
 # ================================================================================================
@@ -2930,6 +3054,40 @@ def test_checkpoint_of_another_depth_names_both_architectures(tmp_path):
     assert re.search(r"784\D+8\D+10\b", message) and re.search(r"784\D+8\D+4\D+10\b", message), message
 
 
+def test_load_checkpoint_refuses_a_weight_matrix_of_the_right_size_but_wrong_shape(tmp_path):
+    """A transposed W2 (10, 8) holds as many numbers as the (8, 10) the config needs, but it is
+    another network: refused by its shape, not accepted by its size."""
+    arrays = _params()
+    arrays["W2"] = np.ascontiguousarray(arrays["W2"].T)
+    with pytest.raises(CheckpointError, match=r"W2 has shape \(10, 8\)"):
+        load_checkpoint(write_npz(tmp_path / "best.npz", arrays))
+
+
+def test_load_checkpoint_refuses_arrays_its_config_does_not_name(tmp_path):
+    """An unfolded batch-norm network (its g1 beside W1, b1, ...) is not the plain network its
+    config describes: loading it without g1 would predict with another network, so it is refused."""
+    arrays = dict(init_params(SMALL.layer_sizes, 0, "float32", batch_norm=True))
+    with pytest.raises(CheckpointError, match=r"784-8-10 \(.*\): unexpected g1$"):
+        load_checkpoint(write_npz(tmp_path / "best.npz", arrays))
+
+
+def test_a_checkpoint_of_another_format_is_refused_naming_it(tmp_path):
+    """A file whose metadata names another format (a later fmnist's, say) is refused by its
+    format, even when its arrays would fit: the same arrays may mean something else there."""
+    path = write_npz(tmp_path / "best.npz", _params(), format="fmnist-checkpoint-2")
+    with pytest.raises(CheckpointError, match="fmnist-checkpoint-2"):
+        load_checkpoint(path)
+
+
+def test_metadata_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The JSON metadata is bounded like the arrays: over MAX_META_BYTES it is refused by the
+    size the zip declares, however valid the JSON would be."""
+    monkeypatch.setattr(fmnist, "MAX_META_BYTES", 10_000)
+    path = write_npz(tmp_path / "best.npz", _params(), padding="x" * 20_000)
+    with pytest.raises(CheckpointError, match="metadata takes"):
+        load_checkpoint(path)
+
+
 # ================================================================================================
 # Atomic writes: SIGKILL at any moment leaves the last complete checkpoint loadable
 # ================================================================================================
@@ -3031,6 +3189,20 @@ def test_sigkill_during_training_leaves_a_loadable_best_checkpoint(tmp_path, mom
         ev = run_cli_opts("evaluate", run / "best.npz")
         assert ev.returncode == 0, ev.stderr
         assert f"epoch {meta['epoch']}" in ev.stdout
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    """If writing fails half-way, the file is the old one and nothing else is left in the folder."""
+    path = tmp_path / "file.json"
+    path.write_text("old")
+
+    def half(f):
+        f.write(b"new, but not")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        fmnist.atomic_write(path, half)
+    assert os.listdir(tmp_path) == ["file.json"] and path.read_text() == "old"
 
 
 # ================================================================================================
@@ -3994,6 +4166,40 @@ def test_real_torchvision_download_from_a_local_mirror(monkeypatch, serve, tmp_p
     fmnist.download_fashion_mnist(tmp_path / "tv", use_torchvision=True, log=lambda _: None)
     assert set(requests) == {f"/{name}.gz" for name in DATA_FILES}   # it probes each URL first
     assert_same_data(load_fashion_mnist(tmp_path / "tv"), raw)
+
+
+def test_download_replaces_a_well_formed_file_with_a_wrong_checksum(serve, tmp_path):
+    """A file that parses but is not the published one (one label changed) is not valid: it is
+    replaced in place by the published, decompressed bytes."""
+    target = tmp_path / "target"
+    target.mkdir()
+    for name in DATA_FILES:
+        shutil.copy(DATA / f"{name}.gz", target)
+    name = "t10k-labels-idx1-ubyte"
+    wrong = bytearray(shipped(name))
+    wrong[-1] = (wrong[-1] + 1) % 10
+    (target / f"{name}.gz").unlink()
+    (target / name).write_bytes(bytes(wrong))
+    url, requests = serve(DATA)
+    fmnist.download_fashion_mnist(target, url, use_torchvision=False, log=lambda _: None)
+    assert requests == [f"/{name}.gz"]
+    assert (target / name).read_bytes() == shipped(name)
+
+
+def test_download_of_a_file_with_a_wrong_checksum_writes_nothing(serve, tmp_path):
+    """A served file of the right size whose bytes differ (one label changed) fails its SHA-256
+    check before it is written: an error naming it, and no such file in the data folder."""
+    served = tmp_path / "served"
+    shutil.copytree(DATA, served)
+    name = "t10k-labels-idx1-ubyte"
+    wrong = bytearray(shipped(name))
+    wrong[-1] = (wrong[-1] + 1) % 10
+    (served / f"{name}.gz").write_bytes(gzip.compress(bytes(wrong)))
+    url, _ = serve(served)
+    target = tmp_path / "target"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        fmnist.download_fashion_mnist(target, url, use_torchvision=False, log=lambda _: None)
+    assert not any(p.name.startswith(name) for p in target.iterdir())
 
 
 # ================================================================================================
