@@ -1259,10 +1259,12 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
 # Gradient check: backward against central finite differences, on a small float64 network
 # ================================================================================================
 
-GRADCHECK_H = 1e-5        # float64: rounding ~eps*|L|/h ~ 1e-10, truncation ~h^2 L''' ~ 1e-10
-                          # (unless L''' is huge: see richardson_gradient)
+GRADCHECK_H = 3e-5        # float64, Richardson: rounding ~1.5 eps |L| / h ~ 1e-11 |L|, truncation
+                          # ~h^4 (see richardson_gradient); measured errors below
+GRADCHECK_KINK = 1e-2     # kept pre-activations are this far from ReLU's kink (see gradcheck_case)
 GRADCHECK_FLOOR = 1e-3    # below this, entries are compared absolutely (see relative_error)
-GRADCHECK_TOL = 1e-6      # measured errors are 1e-9 to 1e-7; a wrong formula gives 1e-3 to 1
+GRADCHECK_TOL = 1e-6      # measured: at most 1.1e-7 over 300 random small networks; a wrong
+                          # formula gives 1e-3 to 1
 
 
 class GradcheckCase(NamedTuple):
@@ -1281,12 +1283,14 @@ def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0
                    dropout: float = 0.3, l2: float = 1e-3, batch_norm: bool = False
                    ) -> GradcheckCase:
     """A random float64 network, batch, labels and one fixed dropout mask, every kept hidden
-    pre-activation at least 1000 h away from ReLU's kink at 0.
+    pre-activation at least GRADCHECK_KINK away from ReLU's kink at 0.
 
     Why the kink matters: if a nudge of h carries Z across 0, the finite difference averages two
-    slopes and disagrees with backward although backward is right. Biases are drawn away from 0
-    (init's zeros would put units with all-zero input exactly on the kink), and draws whose Z
-    come too close are redrawn from the same generator, so the case is a function of the seed.
+    slopes and disagrees with backward although backward is right. The largest nudge, 2h = 6e-5,
+    moves Z by 6e-5 times dZ/dparameter, so GRADCHECK_KINK leaves room for a factor of 160.
+    Biases are drawn away from 0 (init's zeros would put units with all-zero input exactly on the
+    kink), and draws whose Z come too close are redrawn from the same generator, so the case is
+    a function of the seed.
     """
     rng = np.random.default_rng(seed)
     sizes = (NUM_INPUTS, *hidden, NUM_CLASSES)
@@ -1300,7 +1304,7 @@ def gradcheck_case(hidden: Sequence[int] = (8, 6), batch: int = 4, seed: int = 0
         x = rng.uniform(-3, 3, (batch, NUM_INPUTS))                   # (B, 784)
         labels = rng.integers(0, NUM_CLASSES, batch)                  # (B,)
         masks = dropout_masks(rng, batch, hidden, dropout, "float64")
-        if _distance_to_kink(params, x, masks) > 1000 * GRADCHECK_H:
+        if _distance_to_kink(params, x, masks) > GRADCHECK_KINK:
             return GradcheckCase(params, x, labels, masks, dropout, l2)
     raise ValueError("could not draw a network away from ReLU's kinks; try another --seed")
 
@@ -1335,14 +1339,16 @@ def numerical_gradient(loss: Any, params: Params, h: float = GRADCHECK_H) -> Par
 
 def richardson_gradient(loss: Any, params: Params, h: float = GRADCHECK_H) -> Params:
     """(4 N(h) - N(2h)) / 3, where N(h) is `numerical_gradient` with step h: Richardson's
-    extrapolation, twice the work of one central difference and far more accurate.
+    extrapolation, twice the work of one central difference.
 
-    Why: the central difference is off by about h^2 / 6 times the loss's third derivative, and
-    batch norm on a tiny batch can make that derivative huge (a column whose variance is close to
-    BN_EPS). N(2h)'s error is 4 times N(h)'s, so in the combination the h^2 terms cancel, leaving
-    h^4 ones; the rounding error grows only by (4 + 1/2) / 3 = 1.5 times. Measured on
-    `gradcheck --batch-norm --hidden 3,3,3 --batch 3 --seed 9` at h = 1e-5: N(h) is off by
-    1.7e-6 (over the tolerance although backward is right), the extrapolation by 9e-8.
+    Why: the central difference is off by about h^2 / 6 times the loss's third derivative (its
+    truncation error), and batch norm on a tiny batch can make that derivative huge (a column
+    whose variance is close to BN_EPS). N(2h)'s truncation error is 4 times N(h)'s, so in the
+    combination the h^2 terms cancel, leaving h^4 ones; the rounding error, eps |L| / h or so in
+    N(h), grows at most (4 + 1/2) / 3 = 1.5 times. So a larger h can be used, which shrinks the
+    rounding error. Measured on `gradcheck --batch-norm --hidden 3,3,3 --batch 3 --seed 9`: at
+    h = 1e-5, N(h) is off by 1.7e-6 (over the tolerance although backward is right) and the
+    extrapolation by 9e-8; at h = 3e-5, 1.55e-5 and 3.3e-8.
     """
     fine, coarse = numerical_gradient(loss, params, h), numerical_gradient(loss, params, 2 * h)
     return params.like((4 * fine.flat - coarse.flat) / 3)
@@ -2037,16 +2043,18 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
     config = meta["config"]
     expected = param_shapes(config.layer_sizes)
     if set(arrays) != set(expected):
+        described = _dashed(config.layer_sizes)
         try:
             held = "a " + _dashed(layer_sizes_of(arrays)) + " network"
         except (KeyError, IndexError, ValueError):
             held = f"arrays {sorted(arrays)}"
+        problem = (f"holds {held}, but its config describes {described}"
+                   if held != f"a {described} network" else
+                   f"its arrays are not those of its config's {described} network")
         differs = [f"{what} {', '.join(sorted(names))}" for what, names in
                    (("unexpected", set(arrays) - set(expected)),
                     ("missing", set(expected) - set(arrays))) if names]
-        raise CheckpointError(f"{path}: holds {held}, but its config describes "
-                              f"{_dashed(config.layer_sizes)} ({list(expected)}): "
-                              f"{'; '.join(differs)}")
+        raise CheckpointError(f"{path}: {problem}: {'; '.join(differs)}")
     for name, shape in expected.items():
         _check_array(path, name, arrays[name], shape, config)
     return Params.from_arrays({k: arrays[k] for k in expected}, config.dtype), config, meta

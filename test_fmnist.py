@@ -665,25 +665,36 @@ def test_adamw_with_no_gradient_only_shrinks_the_weights(seed, wd, lr, dtype):
 
 @pytest.mark.parametrize("slice_size", [1, 3, 7, 10**9])
 @pytest.mark.parametrize("l2, wd", [(0.0, 0.0), (0.1, 0.0), (0.0, 2.0), (0.1, 2.0)])
-def test_adam_step_is_the_formula_whatever_the_slice_size_with_l2_and_weight_decay(
-        monkeypatch, slice_size, l2, wd):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_adam_is_the_formula_whatever_the_slice_size_with_l2_and_weight_decay(
+        monkeypatch, slice_size, l2, wd, in_place):
     """adam_update works through the flat vector in slices of ADAM_SLICE numbers, weights then
-    biases. The report's network has 570k parameters, 18 slices; every other Adam test fits in
-    one. Small slices here cross slice boundaries and the weights/biases boundary, so a slice
-    loop that skipped or repeated numbers, or gave the biases the weights' L2 or decay, fails.
-    L2 and AdamW together: L2's gradient goes through Adam's division, the decay outside it."""
+    biases (the report's network: 18 slices of weights, one of biases); every other Adam test
+    fits in one slice. Small slices here cross slice boundaries and the weights/biases boundary,
+    from moments that differ everywhere, both into fresh arrays (adam_step) and in place
+    (train_epoch's way), so a slice loop that skipped, repeated or misplaced numbers, or gave the
+    biases the weights' L2 or decay, fails. L2 and AdamW together: L2's gradient goes through
+    Adam's division, the decay outside it."""
     monkeypatch.setattr(fmnist, "ADAM_SLICE", slice_size)
-    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    lr, b1, b2, eps, t = 0.01, 0.9, 0.999, 1e-8, 4
     rng = np.random.default_rng(1)
     params = init_params((13, 5, 3), 0, "float64")                     # 65 weights, 8 biases
-    grads = Params.from_arrays({k: rng.normal(0, 1, a.shape) for k, a in params.items()})
-    new, state = adam_step(params, grads, adam_init(params), lr, b1, b2, eps, l2=l2, weight_decay=wd)
+    grads, m0, v0 = (params.like(rng.normal(0, 1, params.flat.shape)) for _ in range(3))
+    v0 = params.like(np.abs(v0.flat))
+    if in_place:
+        p, m, v = params.flat.copy(), m0.flat.copy(), v0.flat.copy()
+        fmnist.adam_update(p, grads.flat, m, v, p, m, v, params.num_weights, t, lr, b1, b2, eps,
+                           l2, wd)
+        new, state = params.like(p), AdamState(t, params.like(m), params.like(v))
+    else:
+        new, state = adam_step(params, grads, AdamState(t - 1, m0, v0), lr, b1, b2, eps, l2=l2,
+                               weight_decay=wd)
     for k, p in params.items():
         weight = k.startswith("W")
         g = grads[k] + (l2 * p if weight else 0.0)
-        m, v = (1 - b1) * g, (1 - b2) * g * g
+        m, v = b1 * m0[k] + (1 - b1) * g, b2 * v0[k] + (1 - b2) * g * g
         shrink = 1 - lr * wd if weight else 1.0
-        expected = shrink * p - lr / (1 - b1) * m / (np.sqrt(v / (1 - b2)) + eps)
+        expected = shrink * p - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
         np.testing.assert_allclose(new[k], expected, rtol=1e-12, atol=1e-15, err_msg=k)
         np.testing.assert_allclose(state.m[k], m, rtol=1e-12, atol=0, err_msg=k)
         np.testing.assert_allclose(state.v[k], v, rtol=1e-12, atol=0, err_msg=k)
@@ -1076,11 +1087,15 @@ def test_early_stopping_matches_a_reference(corrects, patience):
     assert best.waited == len(seen) - best.epoch
 
 
-def _tiny_splits(raw, n_train=500, n_val=500, noisy_val=False):
-    splits = make_splits(raw, Config(limit=n_train))
-    y_val = splits.y_val[:n_val]
-    if noisy_val:
-        y_val = np.random.default_rng(0).integers(0, 10, n_val)
+def random_labels(n: int) -> np.ndarray:
+    """Labels no network can learn: validation accuracy on them rises and falls by chance, so a
+    run's best epoch is seldom its last."""
+    return np.random.default_rng(0).integers(0, 10, n)
+
+
+def _tiny_splits(raw, n_train=500, n_val=500, noisy_val=False, dtype="float32"):
+    splits = make_splits(raw, Config(limit=n_train, dtype=dtype))
+    y_val = random_labels(n_val) if noisy_val else splits.y_val[:n_val]
     return splits._replace(x_val=splits.x_val[:n_val], y_val=y_val)
 
 
@@ -1241,7 +1256,7 @@ def test_on_step_hears_running_averages_over_the_examples_seen(raw):
     assert [c[:2] for c in calls] == [(s, 6) for s in range(1, 7)]
     seen = [min(s * 64, n) for s in range(1, 7)]
     counts = [acc * k for (*_, acc), k in zip(calls, seen)]
-    assert np.allclose(counts, np.round(counts), atol=1e-9), counts
+    assert np.allclose(counts, np.round(counts), rtol=0, atol=1e-9), counts
     assert all(0 <= b - a <= 64 for a, b in zip([0, *np.round(counts)], np.round(counts)))
     assert calls[-1][2:] == pytest.approx((stats.loss, stats.accuracy), rel=1e-12)
 
@@ -1744,14 +1759,12 @@ def test_parse_idx_returns_a_valid_array_or_raises_data_error(data):
     assert a.ndim == 3 or a.size == 0 or a.max() <= 9
 
 
-def test_load_test_set_checks_the_checksums_too(tmp_path):
+@pytest.mark.parametrize("name", fmnist.TEST_FILES)
+def test_load_test_set_checks_the_checksums_too(tmp_path, name):
     """predict --test-index reads only the two test files; they are verified like all four."""
-    for name in fmnist.TEST_FILES:
-        shutil.copy(DATA / f"{name}.gz", tmp_path)
-    name = "t10k-labels-idx1-ubyte"
-    wrong = bytearray(shipped(name))
-    wrong[-1] = (wrong[-1] + 1) % 10
-    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(bytes(wrong)))
+    for test_file in fmnist.TEST_FILES:
+        shutil.copy(DATA / f"{test_file}.gz", tmp_path)
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(one_byte_changed(name)))
     with pytest.raises(DataError, match="checksum mismatch"):
         fmnist.load_test_set(tmp_path)
 
@@ -2221,7 +2234,7 @@ def test_a_run_reports_the_best_epoch_and_its_figures_consistently(raw, tmp_path
 
     def make_splits(raw_data, config):
         splits = noisy(raw_data, config)
-        return splits._replace(y_val=np.random.default_rng(0).integers(0, 10, len(splits.y_val)))
+        return splits._replace(y_val=random_labels(len(splits.y_val)))
 
     monkeypatch.setattr(fmnist, "make_splits", make_splits)
     out = tmp_path / "run"
@@ -2619,9 +2632,7 @@ def test_every_state_fit_yields_round_trips_through_save_state_exactly(raw, tmp_
     """save_state then load_state gives back the very TrainState, every field (params, moments,
     step, epoch, best, best_params, model), for each kind of run, float64 ones included."""
     config = Config(hidden=(16,), epochs=4, limit=300, **options)
-    splits = make_splits(raw, config)           # in the config's dtype; random validation labels
-    splits = splits._replace(x_val=splits.x_val[:200],
-                             y_val=np.random.default_rng(0).integers(0, 10, 200))
+    splits = _tiny_splits(raw, 300, 200, noisy_val=True, dtype=config.dtype)
     history = []
     for state, record in fit(splits, config):
         history.append(record)
@@ -2680,6 +2691,14 @@ def assert_one_line_error(proc, path, problem: str) -> str:
 def shipped(name: str) -> bytes:
     """The decompressed bytes of a shipped data file."""
     return gzip.decompress((DATA / f"{name}.gz").read_bytes())
+
+
+def one_byte_changed(name: str) -> bytes:
+    """A shipped data file with its last byte (a label, or a pixel) changed, still in 0-9: it
+    parses as a valid IDX file, but it is not the published one, so its checksum fails."""
+    wrong = bytearray(shipped(name))
+    wrong[-1] = (wrong[-1] + 1) % 10
+    return bytes(wrong)
 
 
 def data_dir(tmp_path: Path, without: str | None = None) -> Path:
@@ -3067,7 +3086,7 @@ def test_load_checkpoint_refuses_arrays_its_config_does_not_name(tmp_path):
     """An unfolded batch-norm network (its g1 beside W1, b1, ...) is not the plain network its
     config describes: loading it without g1 would predict with another network, so it is refused."""
     arrays = dict(init_params(SMALL.layer_sizes, 0, "float32", batch_norm=True))
-    with pytest.raises(CheckpointError, match=r"784-8-10 \(.*\): unexpected g1$"):
+    with pytest.raises(CheckpointError, match=r"of its config's 784-8-10 network: unexpected g1$"):
         load_checkpoint(write_npz(tmp_path / "best.npz", arrays))
 
 
@@ -3081,8 +3100,13 @@ def test_a_checkpoint_of_another_format_is_refused_naming_it(tmp_path):
 
 def test_metadata_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
     """The JSON metadata is bounded like the arrays: over MAX_META_BYTES it is refused by the
-    size the zip declares, however valid the JSON would be."""
+    size the zip declares, however valid the JSON would be, before it is decompressed or parsed."""
     monkeypatch.setattr(fmnist, "MAX_META_BYTES", 10_000)
+
+    def parse_meta(*args):
+        raise AssertionError("the metadata was read before its size was checked")
+
+    monkeypatch.setattr(fmnist, "_parse_meta", parse_meta)
     path = write_npz(tmp_path / "best.npz", _params(), padding="x" * 20_000)
     with pytest.raises(CheckpointError, match="metadata takes"):
         load_checkpoint(path)
@@ -3934,7 +3958,7 @@ def test_gradcheck_passes_and_reports_every_parameter():
 
 def test_gradcheck_passes_where_plain_central_differences_would_not():
     """On this batch-norm network the loss curves so sharply that the plain central difference at
-    h = 1e-5 is off by more than the tolerance (truncation, not a wrong backward: it shrinks as
+    GRADCHECK_H is off by more than the tolerance (truncation, not a wrong backward: it grows as
     h^2). The command's Richardson extrapolation removes that error, so a right backward passes."""
     case = fmnist.gradcheck_case(hidden=(3, 3, 3), batch=3, seed=9, batch_norm=True)
 
@@ -4176,10 +4200,8 @@ def test_download_replaces_a_well_formed_file_with_a_wrong_checksum(serve, tmp_p
     for name in DATA_FILES:
         shutil.copy(DATA / f"{name}.gz", target)
     name = "t10k-labels-idx1-ubyte"
-    wrong = bytearray(shipped(name))
-    wrong[-1] = (wrong[-1] + 1) % 10
     (target / f"{name}.gz").unlink()
-    (target / name).write_bytes(bytes(wrong))
+    (target / name).write_bytes(one_byte_changed(name))
     url, requests = serve(DATA)
     fmnist.download_fashion_mnist(target, url, use_torchvision=False, log=lambda _: None)
     assert requests == [f"/{name}.gz"]
@@ -4192,9 +4214,7 @@ def test_download_of_a_file_with_a_wrong_checksum_writes_nothing(serve, tmp_path
     served = tmp_path / "served"
     shutil.copytree(DATA, served)
     name = "t10k-labels-idx1-ubyte"
-    wrong = bytearray(shipped(name))
-    wrong[-1] = (wrong[-1] + 1) % 10
-    (served / f"{name}.gz").write_bytes(gzip.compress(bytes(wrong)))
+    (served / f"{name}.gz").write_bytes(gzip.compress(one_byte_changed(name)))
     url, _ = serve(served)
     target = tmp_path / "target"
     with pytest.raises(DataError, match="checksum mismatch"):
