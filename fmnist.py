@@ -1363,15 +1363,18 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray,
     return np.abs(analytic - numeric) / scale
 
 
-def gradient_check(case: GradcheckCase) -> dict[str, tuple[float, float]]:
+def gradient_check(case: GradcheckCase, numeric_gradient: Any = richardson_gradient
+                   ) -> dict[str, tuple[float, float]]:
     """For each parameter: (largest |gradient| from backward, largest relative error against
-    finite differences of total_loss with the same fixed masks and L2, Richardson-extrapolated)."""
+    finite differences of total_loss with the same fixed masks and L2). `numeric_gradient(loss,
+    params)` computes them: Richardson-extrapolated by default; `numerical_gradient` is the plain
+    central difference."""
     def loss(p):
         return total_loss(p, case.x, case.labels, case.l2, case.masks)
 
     _, cache = forward(case.params, case.x, case.masks)
     analytic = backward(case.params, cache, case.labels, case.l2)
-    numeric = richardson_gradient(loss, case.params)
+    numeric = numeric_gradient(loss, case.params)
     return {name: (float(np.abs(analytic[name]).max()),
                    float(relative_error(analytic[name], numeric[name]).max())) for name in analytic}
 
@@ -2045,12 +2048,13 @@ def load_checkpoint(path: str | Path) -> tuple[Params, Config, dict]:
     if set(arrays) != set(expected):
         described = _dashed(config.layer_sizes)
         try:
-            held = "a " + _dashed(layer_sizes_of(arrays)) + " network"
+            sizes = layer_sizes_of(arrays)
+            held = f"a {_dashed(sizes)} network"
         except (KeyError, IndexError, ValueError):
-            held = f"arrays {sorted(arrays)}"
-        problem = (f"holds {held}, but its config describes {described}"
-                   if held != f"a {described} network" else
-                   f"its arrays are not those of its config's {described} network")
+            sizes, held = None, f"arrays {sorted(arrays)}"
+        problem = (f"its arrays are not those of its config's {described} network"
+                   if sizes == config.layer_sizes else
+                   f"holds {held}, but its config describes {described}")
         differs = [f"{what} {', '.join(sorted(names))}" for what, names in
                    (("unexpected", set(arrays) - set(expected)),
                     ("missing", set(expected) - set(arrays))) if names]
