@@ -248,6 +248,14 @@ def check_config(c: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    info = np.finfo(c.dtype)     # a step size of 1e-300 is 0 in float32, and training learns nothing
+    tiny, huge = float(info.tiny), float(info.max)
+    for field in ("lr", "eps", "l2", "weight_decay"):
+        value = getattr(c, field)
+        if value and not tiny <= value <= huge:
+            name = _SETTINGS[field][0] if field in _SETTINGS else "weight decay"
+            raise ValueError(f"{name} {value} is {'0' if value < tiny else 'infinite'} in "
+                             f"{c.dtype}; use a value from {tiny:.3g} to {huge:.3g}")
 
 
 _WIDE_COSINE = dict(hidden=(1024, 512, 256), epochs=60, patience=0, lr_schedule="cosine",
@@ -378,13 +386,20 @@ class _HashingReader:
 def find_data_file(data_dir: Path, name: str) -> Path:
     """Where `name` lives: Zalando's layout (`DIR/name[.gz]`) or torchvision's (`DIR/FashionMNIST/raw/`)."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: not a directory; --data-dir takes the folder holding the "
+                        f"IDX files")
     for folder in (data_dir, data_dir / "FashionMNIST" / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
+    shipped = Path(__file__).resolve().parent / "data"      # a checkout's, which may be elsewhere
+    such_as = (f", such as {_shell(shipped)} (the copy beside fmnist.py)"
+               if shipped != data_dir.resolve() and (shipped / f"{name}.gz").is_file() else "")
     raise DataError(f"{data_dir / name}[.gz]: file not found (also looked in "
                     f"{data_dir / 'FashionMNIST' / 'raw'}); run `{_invocation()} download "
-                    f"--data-dir {_shell(data_dir)}` or point --data-dir at the folder holding it")
+                    f"--data-dir {_shell(data_dir)}` or point --data-dir at the folder holding "
+                    f"it{such_as}")
 
 
 def read_idx(path: Path, expected_sha256: str | None = None) -> np.ndarray:
@@ -2010,6 +2025,9 @@ def _parse_meta(path: Path, raw: np.ndarray | None, expected_format: str) -> dic
             raise CheckpointError(f"{path}: written by an earlier fmnist ({found}: "
                                   f"{RETIRED_FORMATS[found]}), which this version cannot resume; "
                                   f"train the run again")
+        if found == STATE_FORMAT and expected_format == CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: a training state (for train --resume), not a "
+                                  f"model; give the run's best.npz, or its directory")
         if found != expected_format:
             raise ValueError(f"format {found!r}, expected {expected_format!r}")
         meta["config"] = Config.from_json(meta["config"])
@@ -2523,10 +2541,7 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
     The size is checked from the header before any pixel is decoded, so memory stays bounded.
     """
     import warnings
-    try:
-        from PIL import Image, ImageOps
-    except ImportError:
-        raise ImageError("reading image files needs Pillow: pip install 'fmnist[predict]'") from None
+    Image, ImageOps = _pillow()
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -2559,6 +2574,15 @@ def read_image(path: str | Path, invert: bool = False) -> np.ndarray:
     background = Image.new("RGBA", img.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
     gray = np.asarray(Image.alpha_composite(background, img).convert("L"))   # (H, W) uint8
     return _readonly(255 - gray) if invert else gray
+
+
+def _pillow() -> tuple[Any, Any]:
+    """Pillow's Image and ImageOps modules, or one line saying how to install them."""
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise ImageError("reading image files needs Pillow: pip install 'fmnist[predict]'") from None
+    return Image, ImageOps
 
 
 def _sixteen_bit(img: Any) -> bool:
@@ -2624,9 +2648,10 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     out, state, history, config = _check_run_dir(args, config)
     splits = make_splits(load_fashion_mnist(args.data_dir), config)
     if state is None:
-        out = _start_run_dir(out, args, config)
+        out = _start_run_dir(out, args, "config.json", config.to_json())
+    n = len(splits.y_train)
     print(f"{'resuming' if state else 'training'} {_dashed(config.layer_sizes)} on "
-          f"{len(splits.y_train):,} images ({len(splits.y_val):,} validation), {config.dtype}"
+          f"{n:,} image{'s' * (n != 1)} ({len(splits.y_val):,} validation), {config.dtype}"
           f"{f' after epoch {state.epoch}' if state else ''}; run directory {out}", flush=True)
     progress = _progress_bar(args.quiet, first_epoch=state.epoch + 1 if state else 1)
     saved = state.epoch if state else 0                       # the epoch state.npz holds
@@ -2640,36 +2665,83 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
             write_json(out / "history.json", history)
             print(format_epoch(record), flush=True)
     except KeyboardInterrupt:
-        if not (out / "state.npz").exists():    # a best.npz without it: this run's, of no use
-            (out / "best.npz").unlink(missing_ok=True)
+        _drop_unsaved_best(out)
         if args.member:                                      # the ensemble says how to go on
             print(f"\ninterrupted {f'after epoch {saved}' if saved else 'before epoch 1'} was "
                   f"saved", file=sys.stderr)
         elif saved:
-            print(f"\ninterrupted; the run is saved after epoch {saved}. Resume it with:\n"
-                  f"  {_invocation()} train --resume {_shell(out)}", file=sys.stderr)
+            print(f"\ninterrupted; {_resume_hint(out, saved)}", file=sys.stderr)
         else:
             print("\ninterrupted before the first epoch was saved; nothing to resume "
                   "(run the same command again)", file=sys.stderr)
         return 130
+    except OSError as e:              # a full disk: state.npz, written atomically, is still whole
+        _drop_unsaved_best(out)
+        go_on = f"; {_resume_hint(out, saved)}" if saved and not args.member else ""
+        raise FmnistError(f"{e.filename or out}: {e.strerror or e}{go_on}") from None
     except DivergedError as e:
         best = out / "best.npz"
         kept = f"; the best checkpoint so far is intact at {best}" if best.exists() else ""
         raise DivergedError(f"{e}{kept}") from None
-    write_json(out / "history.json", history)     # again: a resume may have trained no epoch
-    stopped_early = state.epoch < config.epochs
-    metrics = full_evaluation(state.best_params, splits, config.flip_average) | {
-        "best_epoch": state.best.epoch, "epochs_run": state.epoch, "stopped_early": stopped_early,
-        "train_seconds": sum(r["seconds"] for r in history)}
-    write_json(out / "metrics.json", metrics)
-    write_run_artifacts(out, args.data_dir)                  # curves/confusion/mistakes.png, report.md
-    print(("early stopping after epoch %d\n" % state.epoch if stopped_early else "")
+    try:
+        metrics = _finish_run(out, state, history, splits, config, args.data_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted {_how_to_finish(out, saved, args.member)}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        raise FmnistError(f"{e.filename or out}: {e.strerror or e}; stopped "
+                          f"{_how_to_finish(out, saved, args.member)}") from None
+    print(("early stopping after epoch %d\n" % state.epoch if metrics["stopped_early"] else "")
           + format_results(metrics), flush=True)
     print(f"run directory: {out}")
     return 0
 
 
+def _finish_run(out: Path, state: TrainState, history: list[dict], splits: Splits,
+                config: Config, data_dir: Path) -> dict:
+    """A trained run's final evaluation, written to metrics.json, then its pictures and report."""
+    write_json(out / "history.json", history)     # again: a resume may have trained no epoch
+    metrics = full_evaluation(state.best_params, splits, config.flip_average) | {
+        "best_epoch": state.best.epoch, "epochs_run": state.epoch,
+        "stopped_early": state.epoch < config.epochs,
+        "train_seconds": sum(r["seconds"] for r in history)}
+    write_json(out / "metrics.json", metrics)
+    write_run_artifacts(out, data_dir)                   # curves/confusion/mistakes.png, report.md
+    return metrics
+
+
+def _drop_unsaved_best(out: Path) -> None:
+    """After a run stopped in its first epoch: a best.npz without state.npz belongs to no
+    resumable run, so it goes (a later run with the same --out would refuse it)."""
+    if not (out / "state.npz").exists():
+        (out / "best.npz").unlink(missing_ok=True)
+
+
+def _how_to_finish(out: Path, saved: int, member: str | None) -> str:
+    """The end of a message about a run stopped after training, before its files were all
+    written: metrics.json first (`train --resume` evaluates again), then the pictures and
+    report.md (`report` draws them). An ensemble member leaves what to do to its ensemble."""
+    if not (out / "metrics.json").exists():
+        go_on = f"; {_resume_hint(out, saved, 'finish')}"
+        return "in the final evaluation" + ("" if member else go_on)
+    go_on = f"; draw them with:\n  {_invocation()} report {_shell(out)}"
+    return "while drawing the pictures" + ("" if member else go_on)
+
+
+def _resume_hint(out: Path, saved: int, verb: str = "resume") -> str:
+    """The end of a message about a run stopped after epoch `saved` was saved."""
+    return (f"the run is saved after epoch {saved}. {verb.capitalize()} it with:\n"
+            f"  {_invocation()} train --resume {_shell(out)}")
+
+
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container or `taskset` may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None) -> int:
@@ -2688,13 +2760,10 @@ def run_ensemble(args: argparse.Namespace, members: Mapping[str, Config] | None)
         todo = {name: c for name, c in members.items()
                 if not (out / name / "metrics.json").exists()}
     else:                                            # a new run (or --force): every member anew
-        out = _create_run_dir(out, args)
-        for name in RUN_FILES:                       # metrics.json, and a run's files (--force)
-            (out / name).unlink(missing_ok=True)
-        _write_run_file(out, "ensemble.json", {"recipe": args.recipe, "members": {
+        out = _start_run_dir(out, args, "ensemble.json", {"recipe": args.recipe, "members": {
             name: c.to_json() for name, c in members.items()}})
         todo = dict(members)
-    jobs = min(args.jobs or os.cpu_count() or 1, len(todo)) or 1
+    jobs = min(args.jobs or usable_cpus(), len(todo)) or 1
     print(f"ensemble of {len(members)} in {out}: {', '.join(members)}; training "
           f"{', '.join(todo) or 'nothing (all finished)'}, {jobs} at a time", flush=True)
     codes = _train_members(args, out, todo, jobs, resume=bool(args.resume))
@@ -2846,8 +2915,8 @@ class _Prefixed:
 
     def write(self, text: str) -> int:
         for piece in text.splitlines(keepends=True):
-            if self.at_line_start:
-                self.stream.write(self.prefix)
+            if self.at_line_start:                  # a blank line gets no trailing space
+                self.stream.write(self.prefix if piece.strip() else self.prefix.rstrip())
             self.stream.write(piece)
             self.at_line_start = piece.endswith("\n")
         return len(text)
@@ -2966,22 +3035,19 @@ def _create_run_dir(out: Path, args: argparse.Namespace) -> Path:
     raise AssertionError("unreachable")
 
 
-def _write_run_file(out: Path, name: str, obj: Any) -> None:
-    """write_json for a run's first file, with one clear line if the directory refuses it."""
+def _start_run_dir(out: Path, args: argparse.Namespace, first_file: str, obj: Any) -> Path:
+    """Create the directory of a run or an ensemble (see _create_run_dir), clear what an earlier
+    one left there (--force), write its first file (config.json, ensemble.json); returns the
+    directory. One clear line if the directory refuses any of it (a read-only file system fails
+    even the removal of a file that is not there)."""
+    out = _create_run_dir(out, args)
     try:
-        write_json(out / name, obj)
+        for name in (*RUN_FILES, "ensemble.json"):
+            (out / name).unlink(missing_ok=True)
+        write_json(out / first_file, obj)
     except OSError as e:
         raise FmnistError(f"{out}: cannot write to the directory ({e.strerror}); "
                           f"choose another --out") from None
-
-
-def _start_run_dir(out: Path, args: argparse.Namespace, config: Config) -> Path:
-    """Create the run directory (see _create_run_dir), clear what an earlier run (--force) left
-    there, save the config; returns the directory."""
-    out = _create_run_dir(out, args)
-    for name in (*RUN_FILES, "ensemble.json"):       # --force over an ensemble: a run now
-        (out / name).unlink(missing_ok=True)
-    _write_run_file(out, "config.json", config.to_json())
     return out
 
 
@@ -3042,7 +3108,15 @@ def load_members(paths: Sequence[Path], shared: Sequence[str] = (*SPLIT_FIELDS, 
                                                                     "flip_average")
                  ) -> list[tuple[Params, Config, dict]]:
     """load_checkpoint of each path, refusing members that would not make an ensemble: they
-    must share the split (to be evaluated on it), dtype and flip averaging."""
+    must share the split (to be evaluated on it), dtype and flip averaging, and be different
+    files (a run's directory and its best.npz are one file)."""
+    first: dict[Path, Path] = {}
+    for path in paths:
+        if Path(path).resolve() in first:
+            earlier = first[Path(path).resolve()]
+            also = "" if str(earlier) == str(path) else f" (as {earlier} too)"
+            raise CheckpointError(f"{path}: given twice{also}; an ensemble takes each member once")
+        first[Path(path).resolve()] = path
     loaded = [load_checkpoint(path) for path in paths]
     config = loaded[0][1]
     for path, (_, other, _) in zip(paths[1:], loaded[1:]):
@@ -3097,36 +3171,49 @@ def run_predict(args: argparse.Namespace) -> int:
     loaded = load_members(_checkpoints_in(args.checkpoint),    # one network, or an ensemble
                           shared=("dtype", "flip_average"))      # (no split: nothing is scored)
     models, config = [params for params, _, _ in loaded], loaded[0][1]
-    inputs, images = [], []                                     # images: (28, 28) uint8 each
+    if args.images:
+        _pillow()                       # if missing: one line for the command, not one per image
+    inputs, images, failed = [], [], []                         # images: (28, 28) uint8 each
     for path in args.images:
-        gray = read_image(path, args.invert)
-        if looks_inverted(gray):
-            print(f"note: {path} looks like a dark object on a light background after "
-                  f"{'--invert' if args.invert else 'reading'}; "
-                  f"{'drop' if args.invert else 'pass'} --invert if so", file=sys.stderr)
         try:
-            images.append(to_fashion_mnist(gray))
-        except ValueError as e:                                 # nothing to classify
-            hint = ("" if args.invert
-                    else "; a dark object on a light or transparent background needs --invert")
-            raise ImageError(f"{path}: {e}{hint}") from None
-        inputs.append({"input": str(path)})
+            images.append(_image_to_classify(path, args.invert))
+            inputs.append({"input": str(path)})
+        except ImageError as e:        # one bad file: say so, answer for the others, exit 1
+            print(f"fmnist: error: {e}", file=sys.stderr)
+            failed.append({"input": str(path), "error": str(e)})
     if args.test_index:
         test_images, test_labels = load_test_set(args.data_dir)
         for i in args.test_index:                               # 0 <= i < TEST_IMAGES: _test_index
             inputs.append({"input": f"test image {i}", "true_class": CLASS_NAMES[test_labels[i]]})
             images.append(test_images[i])
-    probs = class_probabilities(models, np.stack(images), config.dtype,
-                                config.flip_average)                  # (N, 10)
+    probs = (class_probabilities(models, np.stack(images), config.dtype, config.flip_average)
+             if images else [])                                              # (N, 10)
     results = [item | {"top": top_k(p)} for item, p in zip(inputs, probs)]
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "predictions": results}, indent=2))
-        return 0
-    for r in results:
-        truth = f" (true class: {r['true_class']})" if "true_class" in r else ""
-        ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
-        print(f"{r['input']}{truth}: {ranked}")
-    return 0
+        print(json.dumps({"checkpoint": str(args.checkpoint), "predictions": results}
+                         | ({"errors": failed} if failed else {}), indent=2))
+    else:
+        for r in results:
+            truth = f" (true class: {r['true_class']})" if "true_class" in r else ""
+            ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
+            print(f"{r['input']}{truth}: {ranked}")
+    return 1 if failed else 0
+
+
+def _image_to_classify(path: Path, invert: bool) -> np.ndarray:
+    """An image file as a Fashion-MNIST image (28, 28) uint8, with a note on stderr when the
+    object looks darker than its background (then --invert is likely wrong, or missing)."""
+    gray = read_image(path, invert)
+    try:
+        image = to_fashion_mnist(gray)
+    except ValueError as e:                                     # nothing to classify
+        hint = "" if invert else "; a dark object on a light or transparent background needs --invert"
+        raise ImageError(f"{path}: {e}{hint}") from None
+    if looks_inverted(gray):
+        print(f"note: {path} looks like a dark object on a light background after "
+              f"{'--invert' if invert else 'reading'}; {'drop' if invert else 'pass'} --invert "
+              f"if so", file=sys.stderr)
+    return image
 
 
 def run_gradcheck(args: argparse.Namespace) -> int:
@@ -3202,6 +3289,15 @@ def _path(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return Path(text)
+
+
+def _url(text: str) -> str:
+    """--mirror: a URL the standard library fetches (a bare folder would fail as 'unknown url
+    type' only once the download starts)."""
+    if text.partition("://")[0] not in ("http", "https", "file"):
+        raise argparse.ArgumentTypeError(f"expected a URL (http://, https:// or file:///folder), "
+                                         f"got {text!r}")
+    return text
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -3336,7 +3432,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "size or colour is made into a 28x28 grayscale image the way Fashion-MNIST's "
                     "were: a light object on a dark background, trimmed to the object, longest "
                     "side fitted to 28 and centred. Photos of a dark object on a light background "
-                    "need --invert.")
+                    "need --invert. A file that cannot be classified gets an error line (and "
+                    "exit status 1); the other images are still answered.")
     predict_cmd.add_argument("checkpoint", type=_path, metavar="CHECKPOINT",
                              help="a best.npz written by train, a run's directory (its best.npz) "
                                   "or an ensemble's directory (the mean of its members' answers)")
@@ -3369,7 +3466,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "installed, else from the mirror with the standard library; checksums are "
                     "verified before a file is written. Files already valid are kept.")
     _data_dir_flag(download_cmd, "where to put the files", default=Path("data"))
-    download_cmd.add_argument("--mirror", default=MIRROR,
+    download_cmd.add_argument("--mirror", type=_url, default=MIRROR,
                               help="base URL of the .gz files (without torchvision)")
     download_cmd.add_argument("--no-torchvision", action="store_true",
                               help="use the standard library even if torchvision is installed")
@@ -3471,6 +3568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             check_resume_flags(args)
+            if args.force and args.out is None:
+                parser.exit(2, f"{parser.prog} train: error: --force overwrites the run in --out; "
+                               f"without --out, every run gets a new directory\n")
             if args.resume and (Path(args.resume) / "ensemble.json").exists():
                 return run_ensemble(args, None)
             ensemble = args.recipe in ENSEMBLES and not args.resume    # resume: refused below

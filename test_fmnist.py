@@ -1235,8 +1235,11 @@ def test_fit_with_average_evaluates_the_running_average_and_trains_the_params(ra
 def test_train_epoch_never_returns_non_finite_parameters(raw, steps, where):
     """A step of ~1e39 overflows float32: the epoch must stop with DivergedError, naming the step
     whose loss is NaN (the second), or, when that was the epoch's last update, the epoch; it must
-    never hand back parameters that are inf or NaN."""
-    config = Config(hidden=(8,), batch_size=32, lr=1e39)
+    never hand back parameters that are inf or NaN. (Config refuses lr 1e39, infinite in
+    float32, and no setting it accepts overflows in one step; the lr is forced past its check,
+    as a caller's own Config-like object could be, to reach the defence behind it.)"""
+    config = Config(hidden=(8,), batch_size=32)
+    object.__setattr__(config, "lr", 1e39)
     x, y = normalise(raw.train_images[:32 * steps]), raw.train_labels[:32 * steps].astype(np.intp)
     params = init_params(config.layer_sizes, 0)
     with pytest.raises(fmnist.DivergedError, match=where):
@@ -1947,6 +1950,10 @@ def test_cli_bad_hyperparameter_is_a_usage_error(tmp_path, flags, word):
     (["gradcheck", "--batch", "1", "--batch-norm"], "--batch-norm needs --batch of at least 2"),
     (["gradcheck", "--seed", "-3"], "a seed is a whole number of at least 0, got '-3'"),
     (["predict", "best.npz", "--test-index", "10000"], "a test image number is 0 to 9999"),
+    (["download", "--mirror", "/a/folder"], "expected a URL (http://, https:// or file:///folder), "
+                                            "got '/a/folder'"),
+    (["train", "--force"], "--force overwrites the run in --out; without --out, every run gets a "
+                           "new directory"),
 ])
 def test_cli_other_commands_bad_settings_are_usage_errors_naming_the_value(command, word):
     proc = run_cli(*command)
@@ -1971,6 +1978,8 @@ def test_cli_paths_of_the_wrong_kind_get_one_line_saying_what_was_expected(run_d
         (["predict", run_dir, empty], empty, "a directory, not an image file"),
         (["evaluate", empty], empty, "neither best.npz nor ensemble.json"),
         (["download", "--data-dir", a_file], a_file, "exists and is not a directory"),
+        (["evaluate", run_dir, "--data-dir", a_file], a_file,
+         "not a directory; --data-dir takes the folder holding the IDX files"),
         (["train", "--limit", 100, "--epochs", 1, "--out", a_file / "run"], a_file / "run",
          "cannot create the directory"),
     ]
@@ -1982,7 +1991,8 @@ def test_cli_paths_of_the_wrong_kind_get_one_line_saying_what_was_expected(run_d
 def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path):
     """Without --data-dir a command reads ./data if there is one, else the data/ beside
     fmnist.py: run from elsewhere, `evaluate` still finds the shipped files; a ./data of the
-    user's own comes first (here an empty one, which then has no files to offer)."""
+    user's own comes first (here an empty one, which then has no files to offer, so the error
+    points to the copy beside fmnist.py)."""
     def evaluate_from(cwd):
         return subprocess.run([sys.executable, str(HERE / "fmnist.py"), "evaluate", run_dir],
                               cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -1991,6 +2001,7 @@ def test_cli_finds_the_shipped_data_from_any_working_directory(run_dir, tmp_path
     (tmp_path / "data").mkdir()
     line = one_line_error(evaluate_from(tmp_path), stdout=None)
     assert "data/train-images-idx3-ubyte[.gz]: file not found" in line, line
+    assert line.endswith(f"such as {HERE / 'data'} (the copy beside fmnist.py)"), line
 
 
 def test_cli_run_and_ensemble_directories_that_are_not_ready_say_what_to_do(ensemble_run, tmp_path):
@@ -2124,14 +2135,16 @@ def test_evaluate_scores_an_ensemble_by_its_mean_prediction(raw):
 
 
 def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, tmp_path, capsys):
-    """`evaluate A B` names both and scores their ensemble: a checkpoint with itself scores as the
-    checkpoint alone. Members trained on another split, or predicting with and without mirror
-    averaging, cannot form an ensemble (the result would depend on their order)."""
+    """`evaluate A B` names both and scores their ensemble: a checkpoint with a copy of itself
+    scores as the checkpoint alone (the same file twice is refused, see load_members). Members
+    trained on another split, or predicting with and without mirror averaging, cannot form an
+    ensemble (the result would depend on their order)."""
     ckpt = str(best_run / "best.npz")
+    copy = str(shutil.copy(ckpt, tmp_path / "copy.npz"))
     metrics = json.loads((best_run / "metrics.json").read_text())
-    assert fmnist.main(["evaluate", ckpt, ckpt]) == 0
+    assert fmnist.main(["evaluate", ckpt, copy]) == 0
     out = capsys.readouterr().out
-    assert out.count(f"checkpoint {ckpt}:") == 2 and "ensemble of 2" in out
+    assert f"checkpoint {ckpt}:" in out and f"checkpoint {copy}:" in out and "ensemble of 2" in out
     assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
                      out)
     params, config, _ = load_checkpoint(ckpt)
@@ -3021,7 +3034,9 @@ BAD_CHECKPOINTS = {   # id -> (file name, build(path) -> path, problem regex)
     "no metadata": ("best.npz", lambda p: write_npz(p, _params(), config=None), r"metadata|meta"),
     "metadata not JSON": ("best.npz", lambda p: np.savez(p, **_params(), meta=np.array("{oops"))
                           or p, r"metadata"),
-    "a training state, not a checkpoint": ("state.npz", _training_state, r"format|state|checkpoint"),
+    "a training state, not a checkpoint": ("state.npz", _training_state,
+                                           r"a training state \(for train --resume\), not a model; "
+                                           r"give the run.s best.npz, or its directory$"),
     "NaN in W1": ("best.npz", _with("W1", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 7,
                                                              np.nan, a).astype(a.dtype)), r"NaN"),
     "inf in b2": ("best.npz", _with("b2", lambda a: np.full_like(a, np.inf)), r"infinite|inf\b"),
@@ -3355,6 +3370,11 @@ BAD_HYPERPARAMETERS = {   # CLI flags -> the same setting for Config
     "--patience -1": (["--patience", "-1"], {"patience": -1}),
     "--l2 -0.0001": (["--l2", "-0.0001"], {"l2": -0.0001}),
     "--l2 nan": (["--l2", "nan"], {"l2": math.nan}),
+    # accepted as numbers, but 0 or infinite in float32: training would silently learn nothing
+    "--lr 1e-300 (0 in float32)": (["--lr", "1e-300"], {"lr": 1e-300}),
+    "--eps 1e39 (infinite in float32)": (["--eps", "1e39"], {"eps": 1e39}),
+    "--l2 1e300 (infinite in float32)": (["--l2", "1e300"], {"l2": 1e300}),
+    "--weight-decay 1e-50 (0 in float32)": (["--weight-decay", "1e-50"], {"weight_decay": 1e-50}),
     "--limit 0": (["--limit", "0"], {"limit": 0}),
     "--limit 50001 (more than the training images)": (["--limit", "50001"], {"limit": 50_001}),
     "--flip -0.1": (["--flip", "-0.1"], {"flip": -0.1}),
@@ -3479,6 +3499,8 @@ def test_config_refuses_an_unknown_lr_schedule_naming_the_known_ones():
     {"flip": 0.0}, {"flip": 1.0}, {"shift": 0}, {"shift": fmnist.MAX_SHIFT},
     {"label_smoothing": 0.0}, {"label_smoothing": 0.99}, {"average": 0.0}, {"average": 0.99},
     {"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"flip": 1e-9, "flip_average": True},
+    {"lr": float(np.finfo(np.float32).tiny)}, {"eps": float(np.finfo(np.float32).max)},
+    {"lr": 1e-300, "dtype": "float64"}, {"l2": 0.0, "weight_decay": 0.0},
 ], ids=str)
 def test_config_accepts_the_ends_of_each_new_range(fields):
     """The refusals above stop exactly at the ends of each range: flip 1 (always mirror) and the
@@ -3888,6 +3910,30 @@ def test_predict_test_index_matches_direct_evaluation_in_text_and_json(run_dir, 
     best = fmnist.CLASS_NAMES[probs[0].argmax()]
     assert proc.stdout.startswith(f"test image 5 (true class: {fmnist.CLASS_NAMES[labels[5]]}): "
                                   f"{best} {probs[0].max():.1%}, ")
+
+
+def test_predict_answers_for_every_usable_image_and_names_each_unusable_one(run_dir, test_set,
+                                                                            tmp_path):
+    """One bad file among several does not cost the others their answers: each bad one gets an
+    error line (text) or an entry under "errors" (--json), the rest are answered in the order
+    given, and the exit status is 1."""
+    from PIL import Image
+    good, bad, missing = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "missing.png"
+    Image.fromarray(test_set[0][0]).save(good)
+    bad.write_bytes(b"a text file\n")
+    argv = ["predict", run_dir / "best.npz", bad, good, missing, "--test-index", 1]
+    proc = run_cli(*argv)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [str(good), "test image 1 (true class"]
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 2 and errors[0].startswith(f"fmnist: error: {bad}: not a readable image")
+    assert errors[1] == f"fmnist: error: {missing}: cannot be opened (No such file or directory)"
+    proc = run_cli(*argv, "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert [r["input"] for r in out["predictions"]] == [str(good), "test image 1"]
+    assert [e["input"] for e in out["errors"]] == [str(bad), str(missing)]
+    assert [f"fmnist: error: {e['error']}" for e in out["errors"]] == proc.stderr.splitlines()
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -4395,17 +4441,89 @@ def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [TINY_RUN, ENSEMBLE_TINY_ARGV], ids=["run", "ensemble"])
-def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys, flags):
+@pytest.mark.parametrize("refused", ["write", "removal"])
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys, flags,
+                                                            refused):
     """A directory that exists but refuses files (a read-only mount, /sys) gets a sentence
     naming it and what to do, not an errno and a temporary file's name: a run's, or an
-    ensemble's (whose first file is ensemble.json)."""
-    def refuse(path, obj):
-        raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(fmnist, "write_json", refuse)
+    ensemble's (whose first file is ensemble.json). On a read-only mount even clearing an
+    earlier run's files fails, files that are not there included (EROFS, not ENOENT)."""
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system", "somewhere")
+    if refused == "write":
+        monkeypatch.setattr(fmnist, "write_json", refuse)
+    else:
+        monkeypatch.setattr(Path, "unlink", refuse)
     out = tmp_path / "run"
     assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
     assert capsys.readouterr().err == (f"fmnist: error: {out}: cannot write to the directory "
-                                       f"(Permission denied); choose another --out\n")
+                                       f"(Read-only file system); choose another --out\n")
+
+
+def _failing_on_call(monkeypatch, name: str, n: int, error: BaseException) -> None:
+    """Make fmnist.<name> raise `error` on its n-th call (counting from 1), as itself otherwise."""
+    real, calls = getattr(fmnist, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fmnist, name, wrapper)
+
+
+def full_disk(filename: Path | None = None) -> OSError:
+    return OSError(28, "No space left on device", *([str(filename)] if filename else []))
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_full_disk_during_training_says_what_is_saved_and_resumes(tmp_path, monkeypatch,
+                                                                    capsys, epoch):
+    """A disk that fills while epoch e is saved: one message naming the file, and how to go on
+    from epoch e - 1 (whose state.npz, written atomically, is whole); no best.npz without a
+    state.npz beside it. The resumed run ends with the parameters of a run never stopped."""
+    flags = [*TINY_RUN[:3], "2", *TINY_RUN[4:]]                          # two epochs
+    whole = tmp_path / "whole"
+    assert fmnist.main(["train", *flags, "--out", str(whole)]) == 0
+    out = tmp_path / "run"
+    _failing_on_call(monkeypatch, "save_state", epoch, full_disk(out / "state.npz"))
+    capsys.readouterr()
+    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    if epoch == 1:
+        assert err == f"fmnist: error: {out / 'state.npz'}: No space left on device\n"
+        assert not (out / "best.npz").exists()
+        return
+    assert err == (f"fmnist: error: {out / 'state.npz'}: No space left on device; the run is "
+                   f"saved after epoch 1. Resume it with:\n  {fmnist._invocation()} train --resume {out}\n")
+    monkeypatch.undo()
+    assert fmnist.main(["train", "--resume", str(out)]) == 0
+    assert np.array_equal(load_checkpoint(out / "best.npz")[0].flat,
+                          load_checkpoint(whole / "best.npz")[0].flat)
+
+
+@pytest.mark.parametrize("where", ["full_evaluation", "write_run_artifacts"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), full_disk()], ids=["ctrl-c", "full disk"])
+def test_a_run_stopped_after_training_says_how_to_finish_it(tmp_path, monkeypatch, capsys,
+                                                            where, error):
+    """Training done, then Ctrl-C or a full disk: in the final evaluation (no metrics.json yet),
+    `train --resume` finishes the run; while drawing the pictures, `report` draws them. Either
+    command, run as told, leaves the run complete."""
+    out = tmp_path / "run"
+    _failing_on_call(monkeypatch, where, 1, error)
+    code = fmnist.main(["train", *TINY_RUN, "--out", str(out)])
+    assert code == (130 if isinstance(error, KeyboardInterrupt) else 1)
+    err = capsys.readouterr().err
+    fmnist_ = fmnist._invocation()
+    what = ("in the final evaluation; the run is saved after epoch 1. Finish it with:\n"
+            f"  {fmnist_} train --resume {out}\n" if where == "full_evaluation" else
+            f"while drawing the pictures; draw them with:\n  {fmnist_} report {out}\n")
+    assert err == (f"\ninterrupted {what}" if code == 130 else
+                   f"fmnist: error: {out}: No space left on device; stopped {what}"), err
+    monkeypatch.undo()
+    command = ["train", "--resume"] if where == "full_evaluation" else ["report"]
+    assert fmnist.main([*command, str(out)]) == 0
+    assert {"metrics.json", "report.md"} <= set(os.listdir(out))
 
 
 def test_an_empty_image_path_after_an_option_is_a_usage_error(tmp_path, capsys):
@@ -4446,6 +4564,38 @@ def test_an_ensemble_members_memory_error_is_one_line(monkeypatch, capsys):
     assert fmnist._train_member("m", None, Config()) == 1
     err = capsys.readouterr().err
     assert "not enough memory (Unable to allocate 1 TiB)" in err and "Traceback" not in err
+
+
+def test_an_ensemble_refuses_a_member_given_twice_under_any_name(tmp_path):
+    """Scoring a network beside itself would report that network as an 'ensemble of 2'."""
+    first = small_checkpoint(tmp_path / "best.npz")
+    (tmp_path / "sub").mkdir()
+    again = tmp_path / "sub" / ".." / "best.npz"
+    other = shutil.copy(first, tmp_path / "copy.npz")     # a copy is another file: accepted
+    assert len(fmnist.load_members([first, other])) == 2
+    for paths, also in (([first, first], ""), ([first, other, again], f" (as {first} too)")):
+        with pytest.raises(CheckpointError) as refused:
+            fmnist.load_members(paths)
+        assert str(refused.value) == (f"{paths[-1]}: given twice{also}; an ensemble takes each "
+                                      f"member once")
+
+
+def test_an_ensemble_members_lines_carry_its_name_and_blank_ones_no_trailing_space():
+    stream = io.StringIO()
+    fmnist._Prefixed(stream, "[best-bn] ").write("epoch 1\n\nbest epoch: 1\n")
+    assert stream.getvalue() == "[best-bn] epoch 1\n[best-bn]\n[best-bn] best epoch: 1\n"
+
+
+def test_an_ensemble_trains_as_many_members_at_once_as_it_may_use_cores(monkeypatch):
+    """--jobs' default counts the cores this process may run on, not those the machine has."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert fmnist.usable_cpus() == 1
+
+
+def test_a_run_on_one_image_says_image(tmp_path, capsys):
+    assert fmnist.main(["train", *TINY_RUN, "--limit", "1", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("training 784-8-10 on 1 image (10,000 validation)")
 
 
 def test_a_run_interrupted_before_its_first_epoch_is_saved_leaves_nothing_half_done(

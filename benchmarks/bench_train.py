@@ -1,7 +1,7 @@
 """Benchmark: seconds per training epoch of the report's recipe, next to PyTorch, scikit-learn and
 the GEMM floor, all measured in one run on this machine with the same data arrays.
 
-    python benchmarks/bench_train.py [--epochs 4] [--out FILE.json] [--data-dir data]
+    python benchmarks/bench_train.py [--epochs 4] [--out FILE.json] [--data-dir DIR]
                                      [--skip-torch] [--skip-sklearn]
 
 The recipe (report sections 3-4, `fmnist.Config()`): 784-512-256-128-10, ReLU, dropout 0.3 on the
@@ -560,7 +560,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so at least 2")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file to write (default: runs/bench-<timestamp>.json)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with the IDX files (default data)")
+    p.add_argument("--data-dir", type=Path, default=fmnist.default_data_dir(),
+                   help="folder with the IDX files (default: ./data if it exists, else the data/ "
+                        "beside fmnist.py)")
     p.add_argument("--gemm-repeats", type=int, default=5, help="timed repeats of the GEMM floor (default 5)")
     p.add_argument("--skip-torch", action="store_true", help="do not run PyTorch")
     p.add_argument("--skip-sklearn", action="store_true", help="do not run scikit-learn")
