@@ -311,8 +311,10 @@ def atomic_write(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from None    # a full disk: which file
         raise
 
 

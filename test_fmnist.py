@@ -3215,7 +3215,8 @@ def test_sigkill_during_training_leaves_a_loadable_best_checkpoint(tmp_path, mom
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    """If writing fails half-way, the file is the old one and nothing else is left in the folder."""
+    """If writing fails half-way, the file is the old one and nothing else is left in the folder;
+    the error names the file (a write's error names none), so a full disk says which."""
     path = tmp_path / "file.json"
     path.write_text("old")
 
@@ -3223,9 +3224,10 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
         f.write(b"new, but not")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as failed:
         fmnist.atomic_write(path, half)
     assert os.listdir(tmp_path) == ["file.json"] and path.read_text() == "old"
+    assert (failed.value.errno, failed.value.filename) == (28, str(path))
 
 
 # ================================================================================================
