@@ -20,6 +20,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -2200,13 +2201,16 @@ def test_train_command_is_the_shortest_line_that_repeats_the_config():
         "python fmnist.py train --seed 7 --flip 0.25 --flip-average"
 
 
+TINY32 = float(np.finfo(np.float32).tiny)   # smaller, nonzero: 0 in float32, refused by Config
+
+
 @st.composite
 def configs(draw) -> Config:
     """A recipe with a few of its fields changed to other valid values (val_size excepted: it
     has no flag)."""
     changes = draw(st.fixed_dictionaries({}, optional={
         "hidden": st.lists(st.integers(1, 2048), min_size=1, max_size=4).map(tuple),
-        "dropout": st.floats(0, 1, exclude_max=True), "l2": st.floats(0, 1e-2),
+        "dropout": st.floats(0, 1, exclude_max=True), "l2": st.just(0.0) | st.floats(TINY32, 1e-2),
         "lr": st.floats(1e-6, 1), "batch_size": st.integers(1, 512), "epochs": st.integers(1, 200),
         "patience": st.integers(0, 20), "seed": st.integers(0, 2**32 - 1),
         "dtype": st.sampled_from(["float32", "float64"]), "limit": st.none() | st.integers(1, 50_000),
@@ -2214,7 +2218,7 @@ def configs(draw) -> Config:
         "shift": st.integers(0, fmnist.MAX_SHIFT), "label_smoothing": st.floats(0, 1, exclude_max=True),
         "average": st.floats(0, 1, exclude_max=True), "flip_average": st.booleans(),
         "cutout": st.integers(0, 28), "input_dropout": st.floats(0, 1, exclude_max=True),
-        "weight_decay": st.floats(0, 0.99), "batch_norm": st.booleans()}))
+        "weight_decay": st.just(0.0) | st.floats(TINY32, 0.99), "batch_norm": st.booleans()}))
     base = fmnist.RECIPES[draw(st.sampled_from(list(fmnist.RECIPES)))]
     if changes.get("flip", base.flip) == 0:          # mirror averaging needs mirror training
         changes["flip_average"] = False
@@ -4906,3 +4910,336 @@ def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profil
     assert counts == {"matrix products, training": 7, "forward: bias, ReLU, dropout": 3,
                       "Adam updates": 5, "batch gathers x[idx], y[idx]": 2,
                       "matrix products, validation": 4, "validation: bias, ReLU, loss": 1}
+
+
+# ================================================================================================
+# Third mutation run: IDX files and the loader
+# ================================================================================================
+
+@pytest.mark.parametrize("rows, cols", [(28, 27), (27, 28), (1, 784), (784, 1)], ids=str)
+def test_images_of_any_other_shape_than_28x28_are_refused(rows, cols):
+    """Both sides of an image are checked, not only the first: a 28x27 file would otherwise load
+    as images of another shape, to fail later as a reshape deep in normalise. (I03)"""
+    data = idx_bytes(2051, [2, rows, cols], bytes(2 * rows * cols))
+    with pytest.raises(DataError, match=f"the-name: images are {rows}x{cols}, expected 28x28"):
+        parse_idx(io.BytesIO(data), "the-name")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_a_header_claiming_more_image_bytes_than_any_file_is_refused_before_allocating(tmp_path, gz):
+    """The bound is on the bytes a header claims, not on its item count: 100,000 images are
+    78 MB, more than MAX_IDX_BYTES though far fewer than MAX_IDX_BYTES items. They are refused
+    from the header, without reserving the 78 MB. (I04)"""
+    data = idx_bytes(2051, [100_000, 28, 28], bytes(784))
+    path = io_path(tmp_path / ("f.gz" if gz else "f"), gzip.compress(data) if gz else data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"header claims 100,000 items \(78,400,000 bytes\)"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
+@pytest.mark.parametrize("kind", ["missing", "a directory"])
+def test_read_idx_of_a_path_it_cannot_open_is_a_data_error_naming_it(tmp_path, kind):
+    """read_idx's failures are DataErrors (what load_fashion_mnist's callers catch), also when
+    the file cannot even be opened, not an OSError from open(). (I21)"""
+    path = tmp_path / "absent" if kind == "missing" else tmp_path
+    with pytest.raises(DataError, match=re.escape(f"{path}: cannot be opened")):
+        read_idx(path)
+
+
+def test_the_missing_file_message_suggests_downloading_into_the_folder_searched(tmp_path):
+    """The command the message suggests, parsed as main parses it, downloads into the very
+    folder the loader searched (quoted: here its name has a space), not into ./data. (I17)"""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(folder)
+    command = shlex.split(re.search(r"run `([^`]*)`", str(err.value)).group(1))
+    args = fmnist.parse_args(fmnist.build_parser(), command[command.index("download"):])
+    assert args.command == "download" and Path(args.data_dir) == folder
+
+
+@pytest.mark.parametrize("in_place_of", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+def test_a_labels_or_images_file_in_the_other_ones_place_is_refused_unverified(tmp_path, in_place_of):
+    """Without checksums (verify=False), a labels file where the images belong (or an images
+    file where the labels belong) has as many entries as its partner, so only the dimensions
+    tell: it is refused, not returned as 1-D "images" or 3-D "labels". (I23)"""
+    d = _synthetic_data_dir(tmp_path)
+    other = {"train-images-idx3-ubyte": "train-labels-idx1-ubyte",
+             "train-labels-idx1-ubyte": "train-images-idx3-ubyte"}[in_place_of]
+    shutil.copy(d / other, d / in_place_of)
+    with pytest.raises(DataError, match="swapped"):
+        load_fashion_mnist(d, verify=False)
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_counts_that_disagree_are_refused_in_either_pair_of_files(tmp_path, split):
+    """The test images and labels must pair up as the training ones must (verify=False: nothing
+    else would notice): 3 images with 2 labels is a DataError naming both files. (I24)"""
+    d = _synthetic_data_dir(tmp_path, n_train_images=5, n_train_labels=5, n_test=3)
+    (d / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(2049, [2], [1, 2]))
+    if split == "train":
+        (d / "train-images-idx3-ubyte").write_bytes(idx_bytes(2051, [3, 28, 28], bytes(3 * 784)))
+    with pytest.raises(DataError, match=rf"{split}-images-idx3-ubyte and .*{split}-labels-idx1-ubyte "
+                                        rf"disagree: 3 images but 2 labels"):
+        load_fashion_mnist(d, verify=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 27, 28), (2, 784, 1), (2, 28, 28, 1)], ids=str)
+def test_normalise_refuses_pixels_of_any_other_shape(shape):
+    """Only (N, 28, 28) is images: (2, 784, 1) would otherwise reshape silently to two images,
+    and (2, 27, 28) fail with NumPy's reshape message instead of this one. (D01)"""
+    with pytest.raises(ValueError, match=re.escape(f"uint8 pixels of shape (N, 28, 28), got uint8 {shape}")):
+        normalise(np.zeros(shape, np.uint8))
+
+
+def test_the_reports_split_is_the_one_every_earlier_run_was_made_with():
+    """split_seed 42 must keep naming the same 10,000 validation images: a checkpoint stores only
+    the seed, so a different permutation (another generator, or a NumPy release that changes
+    Generator.permutation) would evaluate old runs' "validation" on images they trained on.
+    Pinned: the first indices and the SHA-256 of the validation indices as int64. (D08)"""
+    train, val = split_indices(60_000, 10_000, 42)
+    assert train[:5].tolist() == [3493, 57546, 8815, 19332, 15566]
+    assert val[:5].tolist() == [40982, 39928, 27078, 2387, 4249]
+    assert hashlib.sha256(np.asarray(val, np.int64).tobytes()).hexdigest() == \
+        "c0d2647f131076b2a905942959769ece5d1ff9f0d165275792cc2bdee0c7c7ea"
+
+
+# ================================================================================================
+# Configuration and the command line
+# ================================================================================================
+
+OUT_OF_RANGE = {"dropout": 1.5, "l2": -1.0, "lr": -0.5, "beta1": 1.5, "beta2": -0.25, "eps": -1.0,
+                "flip": 2.5, "shift": 7, "label_smoothing": 1.25, "average": -0.75, "cutout": 30,
+                "input_dropout": 1.75}
+
+
+@pytest.mark.parametrize("field", OUT_OF_RANGE)
+def test_a_refused_setting_is_named_with_the_value_refused(field):
+    """'learning rate must be > 0 and finite, got -0.5': the value is in the sentence, so a user
+    who set it in a script or a config.json sees which number is wrong. Every setting of
+    _SETTINGS has a row here. (C01)"""
+    assert set(OUT_OF_RANGE) == set(fmnist._SETTINGS)
+    bad = OUT_OF_RANGE[field]
+    with pytest.raises(ValueError) as err:
+        Config(**{field: bad})
+    assert str(err.value).endswith(f", got {bad}"), str(err.value)
+
+
+@pytest.mark.parametrize("fields", [
+    {"cutout": 28}, {"cutout": 0}, {"hidden": (fmnist.MAX_WIDTH,)}, {"hidden": (1,)},
+    {"limit": fmnist.TRAIN_IMAGES - 10_000}, {"limit": 1}, {"val_size": 1},
+    {"val_size": fmnist.TRAIN_IMAGES - 1}, {"batch_size": 1}, {"seed": 0}, {"patience": 0},
+], ids=str)
+def test_config_accepts_the_ends_of_the_other_ranges(fields):
+    """The refusals stop exactly at the ends their messages name: a cutout as large as the image,
+    a layer of MAX_WIDTH units, a limit of all 50,000 training images are settings, not typos.
+    (C09, C22, C27)"""
+    assert all(getattr(Config(**fields), k) == v for k, v in fields.items())
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"epochs": True}, "epochs must be a whole number, got True"),
+    ({"batch_size": np.True_}, "batch_size must be a whole number, got True"),
+    ({"batch_norm": 1}, "batch_norm must be true or false, got 1"),
+    ({"flip_average": 0}, "flip_average must be true or false, got 0"),
+    ({"val_size": fmnist.TRAIN_IMAGES}, "val_size must be in [1, 60000), got 60000"),
+], ids=str)
+def test_config_refuses_a_switch_for_a_number_a_number_for_a_switch_and_no_training_images(
+        changes, words):
+    """JSON's true is not 1 epoch and its 1 is not a switch: each is refused by name, as 2.5
+    epochs are. A validation set of all 60,000 images leaves none to train on and is refused
+    when the config is made, not later by the split. (C14, C17, C26)"""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Config(**changes)
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Config) if f.type == "bool"])
+def test_help_says_on_for_a_recipe_with_a_switch_on(field):
+    """--help's 'on' and 'off' for a switch are each recipe's own setting (the round-trip test
+    above compares the help with _flag_value, so it cannot tell on from off). (A05)"""
+    expected = {recipe: "on" if getattr(c, field) else "off" for recipe, c in fmnist.RECIPES.items()}
+    assert parse_recipe_values(fmnist.recipe_values(field)) == expected
+
+
+def test_a_negative_test_index_is_a_usage_error_not_the_last_test_image(capsys):
+    """--test-index -1 would otherwise ask silently about image 9,999 (Python's indexing). (A10)"""
+    assert exit_code_of_main(["predict", "ckpt.npz", "--test-index", "-1"]) == 2
+    assert "a test image number is 0 to 9999, got '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["a.png", "--invert", "--bogus"], ["--invert", "a.png", "--bogus"]],
+                         ids=" ".join)
+def test_an_unknown_option_after_predicts_images_is_a_usage_error(argv, capsys):
+    """Image files may follow an option, but an unknown option there is still refused as
+    argparse refuses it elsewhere (exit 2), not taken for an image file named --bogus. (A13)"""
+    assert exit_code_of_main(["predict", "ckpt.npz", *argv]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "unrecognized arguments: " in last and last.endswith("--bogus"), last
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "report", "predict", "gradcheck", "download"])
+def test_help_shows_no_default_for_a_switch_or_an_absent_value(command, capsys):
+    """'(default: False)' after --force or --invert, or '(default: None)' after --out, says
+    nothing a user can use; _HelpFormatter leaves them out. (A18)"""
+    assert exit_code_of_main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for absent in ("(default: False)", "(default: None)", "(default: [])"):
+        assert absent not in text, (absent, text)
+
+
+# ================================================================================================
+# Image input for predict
+# ================================================================================================
+
+def test_the_pixel_limit_admits_an_image_of_exactly_that_many_pixels(tmp_path, monkeypatch):
+    """MAX_IMAGE_PIXELS is the largest image read, not the first refused (here lowered to 28 x 28
+    so that the test stays small). (P01)"""
+    from PIL import Image
+    monkeypatch.setattr(fmnist, "MAX_IMAGE_PIXELS", 28 * 28)
+    Image.new("L", (28, 28), 0).save(tmp_path / "limit.png")
+    Image.new("L", (28, 29), 0).save(tmp_path / "over.png")
+    assert fmnist.read_image(tmp_path / "limit.png").shape == (28, 28)
+    with pytest.raises(fmnist.ImageError, match="too large"):
+        fmnist.read_image(tmp_path / "over.png")
+
+
+def test_a_too_large_image_is_refused_in_one_plain_sentence(tmp_path):
+    """The pixel limit's own message, not wrapped again as 'not a readable image (ImageError:
+    ...)' with the path named twice. (P08)"""
+    path = io_path(tmp_path / "big.png", png_header(10_000, 6_000))
+    with pytest.raises(fmnist.ImageError) as err:
+        fmnist.read_image(path)
+    assert str(err.value) == (f"{path}: 10000 x 6000 pixels is too large (limit 50,000,000 "
+                              f"pixels); shrink it first")
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, suffix):
+    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation; read upright,
+    a tall dress does not become a wide one. Orientation 6: turn the pixels 90 degrees
+    clockwise. (P02)"""
+    from PIL import Image
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[2:6, 5:30] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / f"photo.{suffix}", exif=exif, quality=100)
+    gray = fmnist.read_image(tmp_path / f"photo.{suffix}")
+    assert gray.shape == (40, 20)
+    assert np.abs(gray.astype(int) - np.rot90(pixels, -1)).max() <= 2
+
+
+def test_a_large_image_is_shrunk_to_the_working_side_keeping_its_shape(tmp_path):
+    """read_image bounds the pixels it hands on: the longer side to WORKING_SIDE, the aspect
+    ratio kept. (P07)"""
+    from PIL import Image
+    Image.new("L", (2048, 1000), 0).save(tmp_path / "wide.png")
+    assert fmnist.read_image(tmp_path / "wide.png").shape == (500, fmnist.WORKING_SIDE)
+
+
+def test_a_big_endian_16_bit_tiff_reads_as_its_8_bit_twin(tmp_path):
+    """Pillow reads big-endian 16-bit TIFFs as mode I;16B; like I;16 they hold 0-65535 and are
+    scaled to 8 bits, not clipped to 255. (P12)"""
+    from PIL import Image
+    pixels = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+    Image.frombytes("I;16B", (28, 28), (pixels.astype(">u2") * 257).tobytes()).save(tmp_path / "b.tif")
+    assert Image.open(tmp_path / "b.tif").mode == "I;16B"
+    assert np.array_equal(fmnist.read_image(tmp_path / "b.tif"), pixels)
+
+
+@given(gray=hnp.arrays(np.uint8, st.tuples(st.integers(2, 9), st.integers(2, 9))))
+def test_the_border_is_the_outermost_ring_of_pixels(gray):
+    """_border holds each pixel of the first and last rows and columns (a corner is in a row and
+    a column, so twice) and nothing else: the background estimate and looks_inverted see the
+    picture's edge, not a row inside it. (P13, P14)"""
+    count = np.zeros(gray.shape, int)
+    count[[0, -1], :] += 1
+    count[:, [0, -1]] += 1
+    expected = np.repeat(gray.ravel(), count.ravel())
+    assert np.array_equal(np.sort(fmnist._border(gray)), np.sort(expected))
+
+
+@pytest.mark.parametrize("light_object", [True, False])
+def test_looks_inverted_goes_by_the_border_not_by_the_object(light_object):
+    """An object filling most of the picture decides nothing: a light coat on a dark border is
+    as stored, a dark coat on a light border looks inverted. (P24)"""
+    gray = np.full((40, 30), 20 if light_object else 230, np.uint8)
+    gray[3:37, 3:27] = 230 if light_object else 20                        # 80% of the picture
+    assert fmnist.looks_inverted(gray) is (not light_object)
+
+
+def test_an_object_one_pixel_wide_keeps_one_column():
+    """A thin object (a strap, a belt seen edge-on) is scaled to 28 rows and stays one pixel
+    wide, rather than to zero width, which Pillow refuses and predict would call 'no object
+    found'. (P21)"""
+    gray = np.zeros((120, 60), np.uint8)
+    gray[10:110, 30] = 255
+    out = fmnist.to_fashion_mnist(gray)
+    assert out.shape == (28, 28) and out.any(axis=1).all()
+    assert np.flatnonzero(out.any(axis=0)).tolist() == [14]
+
+
+@given(probs=st.lists(st.sampled_from([0.05, 0.1, 0.2]), min_size=10, max_size=10),
+       k=st.integers(1, 10))
+@example(probs=[0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.2], k=3)
+def test_top_k_lists_equally_probable_classes_in_class_order(probs, k):
+    """Most probable first, and classes of equal probability in class order, so the same
+    probabilities give the same answer on every CPU (NumPy's default sort is not stable: on
+    AVX-512 it lists [0.2, 0.1, 0.1, ..., 0.2] as classes 0, 9, 2). (P27)"""
+    p = np.array(probs)
+    expected = sorted(range(10), key=lambda i: (-p[i], i))[:k]
+    assert [t["label"] for t in fmnist.top_k(p, k)] == expected
+
+
+# ================================================================================================
+# Parameters and the checks of a batch
+# ================================================================================================
+
+@pytest.mark.parametrize("call", [
+    lambda p, x, y: fmnist.evaluate(p, x, y),
+    lambda p, x, y: fmnist.total_loss(p, x, y),
+    lambda p, x, y: fmnist.backward(p, fmnist.forward(p, x)[1], y),
+    lambda p, x, y: fmnist.train_epoch(p, fmnist.adam_init(p), x, y, Config(hidden=(8, 6), batch_size=4,
+                                                                            dtype="float64")),
+], ids=["evaluate", "total_loss", "backward", "train_epoch"])
+def test_float_labels_are_refused_in_a_value_error_even_when_whole(call):
+    """Labels 0.0, 1.0, ... are floats, not classes: refused in words, not by an IndexError from
+    deep inside the loss (or, for evaluate, after a whole forward pass). (F16)"""
+    params, x, y, _ = _setup()
+    with pytest.raises(ValueError, match=re.escape("labels must be integers in 0..3, got float64")):
+        call(params, x, y.astype(np.float64))
+
+
+@pytest.mark.parametrize("missing", ["b1", "b2", "b3"])
+def test_a_network_with_an_array_missing_names_it(missing):
+    """A network short of one array says which, as one with an extra array does. (F21)"""
+    params, x, _, _ = _setup()
+    short = {k: v for k, v in params.items() if k != missing}
+    with pytest.raises(ValueError, match=rf"names missing or extra: {missing}\)"):
+        fmnist.forward(short, x)
+
+
+@pytest.mark.parametrize("flat", [np.zeros(11), np.zeros(12), np.zeros((10, 1))],
+                         ids=["one number too many", "two too many", "a (10, 1) column"])
+def test_params_take_a_flat_vector_of_exactly_the_numbers_of_their_shapes(flat):
+    """A Params's arrays are views that together cover its flat 1-D vector exactly: a vector
+    with numbers to spare, or a (10, 1) column that its 1-D views would slice row by row, is
+    refused, not silently taken in part.
+    (F29, F30)"""
+    with pytest.raises(ValueError, match="does not fit shapes"):
+        Params(flat, {"W1": (2, 4), "b1": (2,)})
+
+
+def test_flat_order_counts_layers_as_numbers_beyond_nine():
+    """A state file stores flat vectors in this order, so it is part of the file format: W1, W2,
+    ..., W10, W11, then b1, g1, b2, ..., b11, whatever the number of layers (W10 is not between
+    W1 and W2). (F33)"""
+    names = [f"{kind}{l}" for l in range(1, 12) for kind in "Wbg" if not (kind == "g" and l == 11)]
+    assert fmnist.flat_order(names[::-1]) == \
+        [f"W{l}" for l in range(1, 12)] + [f"{kind}{l}" for l in range(1, 12) for kind in "bg"
+                                           if not (kind == "g" and l == 11)]

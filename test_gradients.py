@@ -181,7 +181,7 @@ def distance_to_kink(case: Case) -> float:
     return float(min(distances))
 
 
-def assert_gradients_match(analytic, numeric, loss_scale: float) -> None:
+def assert_gradients_match(analytic, numeric, loss_scale: float, h: float = H) -> None:
     """Compare per parameter with an absolute tolerance set by the finite difference's rounding
     (loss_scale: the size of the loss's rounding error in units of eps, |L| or more).
 
@@ -189,7 +189,7 @@ def assert_gradients_match(analytic, numeric, loss_scale: float) -> None:
     entries are tiny (1e-6, a unit that barely matters), and for them the finite difference's
     absolute rounding error, about eps * |L| / h, is larger than 1e-5 of the entry.
     """
-    atol = ROUNDING_SAFETY * EPS64 * max(1.0, abs(loss_scale)) / H
+    atol = ROUNDING_SAFETY * EPS64 * max(1.0, abs(loss_scale)) / h
     for name in analytic:
         np.testing.assert_allclose(analytic[name], numeric[name], rtol=FD_RTOL, atol=atol,
                                    err_msg=f"d(total_loss)/d{name}: backward vs finite differences")
@@ -220,7 +220,24 @@ def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0
     analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
     numeric = fm.richardson_gradient(loss, case.params, H)
     loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
+    if cache.norms:
+        assume(step_is_fine_enough(loss, case.params, numeric, loss_scale))
     assert_gradients_match(analytic, numeric, loss_scale)
+
+
+def step_is_fine_enough(loss, params, numeric, loss_scale: float) -> bool:
+    """Whether a step of H resolves the loss's curvature: the estimate at H/4 agrees with it as
+    closely as the check itself demands of backward. It does not when the loss bends within H,
+    as batch norm can make it: a first-layer weight near 0 (-5.4e-5, once) leaves the next
+    layer's batch variance so small that its normalisation divides by a std that moves with the
+    weight, and the loss bends on a scale of a few H. Such a network cannot be checked at H and
+    is skipped; a test of the numerical side only, it cannot hide a wrong backward."""
+    finer = fm.richardson_gradient(loss, params, H / 4)
+    try:
+        assert_gradients_match(numeric, finer, loss_scale, h=H / 4)
+    except AssertionError:
+        return False
+    return True
 
 
 def onehot(labels: np.ndarray, k: int) -> np.ndarray:
@@ -325,6 +342,42 @@ def test_backward_with_batch_norm_matches_finite_differences(case):
     batch_norm_magnification) and the tolerance with it.
     """
     check_backward_against_finite_differences(case)
+
+
+def test_a_network_whose_loss_bends_within_the_step_is_told_apart_and_backward_is_right_on_it():
+    """The network Hypothesis once found (mutation run 3): batch norm twice, W1 = -5.4e-5. At H
+    the finite difference is off by 2.8e-6 relative, and the check above failed a correct
+    backward; step_is_fine_enough now tells it apart, and at H/10 (where the estimate has
+    converged) backward agrees to 1e-8."""
+    k = 1 / 0.75
+    params = fm.Params.from_arrays({name: np.array(v, np.float64) for name, v in {
+        "W1": [[-5.433619379159885e-05]], "b1": [1.0], "g1": [1.0],
+        "W2": [[1.2831518345020396, -1.9126940917842206, 2.1828066796820034, -0.3290024046909682]],
+        "b2": [1.0] * 4, "g2": [1.0] * 4,
+        "W3": [[-0.2311666569863426, 0.2797888417611796, 0.1589008018675175, -0.3444344374654087,
+                0.22114381133800973, -0.44480311339562373],
+               [0.42017129467276904, 0.01905521949715018, 0.03321362409712533,
+                -0.20917337864290217, 0.32462564142928674, -0.18169810405751904],
+               [-0.5940641128171723, -0.8163147164981699, 1.0461273385976815,
+                -0.18748242510753046, -0.0283214066613344, -0.17316615360226034],
+               [0.0025689786676149694, -0.6203414292085124, -0.32216839391596497,
+                0.24290073041176602, -0.598867823773093, 0.5064744287426922]],
+        "b3": [1.0] * 6}.items()})
+    x, labels = np.array([[-1.0], [0.0], [0.0], [0.0]]), np.zeros(4, np.intp)
+    masks = (np.full((4, 1), k), np.array([[k, 0, 0, 0], [0, k, k, k], [k, k, k, k], [k, k, k, k]]))
+
+    def loss(p):
+        return fm.total_loss(p, x, labels, 0.0, masks)
+
+    _, cache = fm.forward(params, x, masks)
+    analytic = fm.backward(params, cache, labels)
+    numeric = fm.richardson_gradient(loss, params, H)
+    scale = max(abs(loss(params)), batch_norm_magnification(params, cache))
+    with pytest.raises(AssertionError):
+        assert_gradients_match(analytic, numeric, scale)
+    assert not step_is_fine_enough(loss, params, numeric, scale)
+    converged = fm.richardson_gradient(loss, params, H / 10)
+    np.testing.assert_allclose(analytic["W1"], converged["W1"], rtol=1e-8)
 
 
 @settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 4 losses per parameter
