@@ -771,13 +771,13 @@ def is_weight(name: str) -> bool:
 
 def split_flat(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Views of `flat` (1-D), one per name, with the given shapes, laid out in `flat_order`."""
+    if num_parameters(shapes) != flat.size or flat.ndim != 1:
+        raise ValueError(f"a flat vector of {flat.size} numbers does not fit shapes {dict(shapes)}")
     views, start = {}, 0
     for name in flat_order(list(shapes)):
         stop = start + math.prod(shapes[name])
         views[name] = flat[start:stop].reshape(shapes[name])
         start = stop
-    if start != flat.size or flat.ndim != 1:
-        raise ValueError(f"a flat vector of {flat.size} numbers does not fit shapes {dict(shapes)}")
     return {name: views[name] for name in shapes}
 
 

@@ -5224,8 +5224,9 @@ def test_a_network_with_an_array_missing_names_it(missing):
         fmnist.forward(short, x)
 
 
-@pytest.mark.parametrize("flat", [np.zeros(11), np.zeros(12), np.zeros((10, 1))],
-                         ids=["one number too many", "two too many", "a (10, 1) column"])
+@pytest.mark.parametrize("flat", [np.zeros(11), np.zeros(12), np.zeros((10, 1)), np.zeros(9)],
+                         ids=["one number too many", "two too many", "a (10, 1) column",
+                              "one number too few"])
 def test_params_take_a_flat_vector_of_exactly_the_numbers_of_their_shapes(flat):
     """A Params's arrays are views that together cover its flat 1-D vector exactly: a vector
     with numbers to spare, or a (10, 1) column that its 1-D views would slice row by row, is
