@@ -68,7 +68,6 @@ import textwrap
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -3351,7 +3350,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # no abbreviations: `--no-flip` must not quietly mean `--no-flip-average`
-    add_command = partial(commands.add_parser, allow_abbrev=False, formatter_class=_HelpFormatter)
+    def add_command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, allow_abbrev=False, formatter_class=_HelpFormatter,
+                                      **kw)
+        command.set_defaults(command_parser=command)      # for its usage line (parse_args)
+        return command
     train = add_command(
         "train", help="train the MLP and evaluate it",
         description="Train on the shipped data with the report's recipe, or with one found "
@@ -3515,14 +3518,18 @@ def _flag_value(value: Any) -> str:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """parser.parse_args, except that predict's image files may also follow an option
     (`predict CKPT --invert a.png`): argparse stops filling a list of positionals at the first
-    option and would call the rest unrecognized."""
+    option and would call the rest unrecognized. An unknown option is refused with its
+    command's usage line (`train --nope`), not the top-level one argparse would show."""
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
-        if "" in extra:
-            parser.error("an image path is an empty string")
-        args.images = [*args.images, *map(Path, extra)]     # (not +=: [] is the default)
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    command = vars(args).pop("command_parser")
+    if args.command == "predict":
+        images = [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+        if "" in images:
+            command.error("an image path is an empty string")
+        args.images = [*args.images, *map(Path, images)]    # (not +=: [] is the default)
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

@@ -5244,3 +5244,26 @@ def test_flat_order_counts_layers_as_numbers_beyond_nine():
     assert fmnist.flat_order(names[::-1]) == \
         [f"W{l}" for l in range(1, 12)] + [f"{kind}{l}" for l in range(1, 12) for kind in "bg"
                                            if not (kind == "g" and l == 11)]
+
+
+# ================================================================================================
+# Fifth session: unknown options get their command's usage line
+# ================================================================================================
+
+@pytest.mark.parametrize("command", ["train", "evaluate ckpt.npz", "predict ckpt.npz a.png"])
+def test_an_unknown_option_shows_its_commands_usage(command, capsys):
+    """`fmnist train --nope` answers with train's usage and name, as `fmnist train` without a
+    value would, not with the top-level `usage: fmnist [-h] [--version] COMMAND ...`."""
+    name = command.split()[0]
+    assert exit_code_of_main([*command.split(), "--nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: fmnist {name} ") and \
+        err.splitlines()[-1] == f"fmnist {name}: error: unrecognized arguments: --nope", err
+
+
+def test_predicts_images_after_an_option_are_not_called_unrecognized(capsys):
+    """In `predict ckpt.npz --invert a.png --bogus`, a.png is an image file (they may follow an
+    option) and only --bogus is unknown."""
+    assert exit_code_of_main(["predict", "ckpt.npz", "--invert", "a.png", "--bogus", "b.png"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "fmnist predict: error: unrecognized arguments: --bogus"
