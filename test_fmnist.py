@@ -5267,3 +5267,74 @@ def test_predicts_images_after_an_option_are_not_called_unrecognized(capsys):
     assert exit_code_of_main(["predict", "ckpt.npz", "--invert", "a.png", "--bogus", "b.png"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == \
         "fmnist predict: error: unrecognized arguments: --bogus"
+
+
+# ================================================================================================
+# The benchmark's summary of several runs (benchmarks/bench_train.py --runs N)
+# ================================================================================================
+
+def load_bench_train():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train",
+                                                  HERE / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_report(bench, floor, adam, project, torch, evaluate_ms, other=0.0) -> dict:
+    """A report as one benchmark run writes it, with only what the summary reads."""
+    c = {"floor": {"name": "GEMM floor", "seconds_per_epoch": floor},
+         "adam": {"name": "Adam", "seconds_per_epoch": adam},
+         "project": {"name": "fmnist", "seconds_per_epoch": project,
+                     "evaluate_test_ms": {"median": evaluate_ms}},
+         "torch": ({"name": "PyTorch", "seconds_per_epoch": torch} if torch is not None
+                   else {"name": "PyTorch", "skipped": "--skip-torch", "seconds_per_epoch": None}),
+         "torch_ftz": None,
+         "sklearn": {"name": "scikit-learn", "skipped": "--skip-sklearn", "seconds_per_epoch": None}}
+    return {"contenders": c, "ratios": bench.compute_ratios(c),
+            "machine": {"other_programs_cpu_seconds": other}}
+
+
+def test_the_benchmarks_summary_takes_the_median_of_each_runs_own_ratio():
+    """Three runs, the second on a machine slow throughout: the ratio's median is over each
+    run's own ratio (2.0, 2.0, 3.0 -> 2.0), not the ratio of the medians (1.8 / 0.8 = 2.25),
+    and the goal is judged by it."""
+    bench = load_bench_train()
+    reports = [_bench_report(bench, 0.8, 0.4, 1.6, 2.0, 60.0),
+               _bench_report(bench, 1.6, 0.8, 3.2, 4.0, 90.0),
+               _bench_report(bench, 0.6, 0.4, 1.8, 1.5, 40.0)]
+    summary = bench.summarise_runs(reports)
+    ratio = summary["ratios"]["project / GEMM floor"]
+    assert ratio["runs"] == pytest.approx([2.0, 2.0, 3.0]) and ratio["median"] == pytest.approx(2.0)
+    assert summary["ratios"]["project / PyTorch"]["median"] == pytest.approx(0.8)
+    assert summary["seconds_per_epoch"]["project"]["median"] == pytest.approx(1.8)
+    assert summary["evaluate_test_ms"]["median"] == pytest.approx(60.0)
+    table = bench.format_summary(summary)
+    assert "project / GEMM floor                            2.00    2.00    3.00    2.00   <= 1.9: NOT met" in table
+    assert "project / PyTorch                               0.80    0.80    1.20    0.80   <= 0.5: NOT met" in table
+    assert "< 50: NOT met" in table
+
+
+def test_the_benchmarks_summary_leaves_out_what_no_run_measured_and_meets_a_goal_by_the_median():
+    """Without PyTorch in any run its ratios are left out (not printed as n/a); a goal is met
+    when the median of the runs' ratios meets it, whatever a single run says."""
+    bench = load_bench_train()
+    reports = [_bench_report(bench, 1.0, 0.4, 1.8, None, 45.0),
+               _bench_report(bench, 1.0, 0.4, 2.2, None, 55.0),
+               _bench_report(bench, 1.0, 0.4, 1.7, None, 48.0)]
+    summary = bench.summarise_runs(reports)
+    assert summary["ratios"]["project / PyTorch"]["median"] is None
+    table = bench.format_summary(summary)
+    assert "PyTorch" not in table
+    assert "project / GEMM floor                            1.80    2.20    1.70    1.80   <= 1.9: met" in table
+    assert "< 50: met" in table
+
+
+@pytest.mark.parametrize("argv, kept", [
+    (["--runs", "3", "--epochs", "5"], ["--epochs", "5"]),
+    (["--runs=3", "--out", "x.json", "--skip-torch"], ["--skip-torch"]),
+    (["--out=x.json", "--runs", "2"], []),
+])
+def test_each_of_several_benchmark_runs_gets_the_arguments_but_runs_and_out(argv, kept):
+    assert load_bench_train().without_runs_and_out(argv) == kept

@@ -25,7 +25,9 @@ thread pools (OpenMP, SciPy's BLAS), and `set_flush_denormal` changes a CPU flag
 thread, either of which could change NumPy's speed if it came first.
 
 Timings on a small, shared machine are noisy: close other programs while it runs, and compare
-ratios from one run rather than seconds from different runs.
+ratios from one run rather than seconds from different runs. `--runs N` does the whole benchmark
+N times, each in a fresh Python process (so that every run measures the project before torch is
+imported), one after another, and sums them up as each run's ratio and the median of those.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -566,7 +569,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gemm-repeats", type=int, default=5, help="timed repeats of the GEMM floor (default 5)")
     p.add_argument("--skip-torch", action="store_true", help="do not run PyTorch")
     p.add_argument("--skip-sklearn", action="store_true", help="do not run scikit-learn")
+    p.add_argument("--runs", type=int, default=1,
+                   help="whole benchmark runs, one after another, each in a fresh process; with "
+                        "more than one, the table gives each run's figures and their median "
+                        "(default 1)")
     args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     if args.epochs < 2:
         p.error("--epochs must be at least 2: epoch 1 is warm-up and is not timed")
     if args.gemm_repeats < 1:
@@ -610,13 +619,101 @@ def run(args: argparse.Namespace) -> dict:
             "total_seconds": time.perf_counter() - started}
 
 
+# ================================================================================================
+# Several runs: each run's figures and their median
+# ================================================================================================
+
+def run_in_fresh_processes(args: argparse.Namespace, argv: list[str]) -> dict:
+    """The benchmark `args.runs` times, each in a new Python process given the same arguments,
+    and what they measured: every run's report, and `summarise_runs` of them."""
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(1, args.runs + 1):
+            print(f"=== run {i} of {args.runs}", flush=True)
+            out = Path(tmp) / f"run{i}.json"
+            subprocess.run([sys.executable, __file__, *without_runs_and_out(argv), "--out",
+                            str(out)], check=True)
+            reports.append(json.loads(out.read_text()))
+    return {"benchmark": "bench_train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "summary": summarise_runs(reports), "runs": reports}
+
+
+def without_runs_and_out(argv: list[str]) -> list[str]:
+    """argv less --runs and --out (as `--runs 3` or `--runs=3`), for one run of several."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--runs", "--out"):
+            skip = True
+        elif not a.startswith(("--runs=", "--out=")):
+            kept.append(a)
+    return kept
+
+
+def summarise_runs(reports: list[dict]) -> dict:
+    """Per contender, seconds per epoch in each run; per ratio, its value in each run. A ratio
+    is taken within a run (both sides measured minutes apart at most) and the median is of
+    those values, not the ratio of medians: a run in which the whole machine was slow then
+    counts as one run, not as a slow numerator against another run's fast denominator."""
+    def median(values: list) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if len(known) == len(values) else None
+    seconds = {key: [(r["contenders"].get(key) or {}).get("seconds_per_epoch") for r in reports]
+               for key in ("floor", "adam", "project", "torch", "torch_ftz", "sklearn")}
+    names = {key: next(((r["contenders"].get(key) or {}).get("name") for r in reports), key)
+             for key in seconds}
+    ratios = {name: [r["ratios"][name] for r in reports] for name in reports[0]["ratios"]}
+    evaluate = [r["contenders"]["project"]["evaluate_test_ms"]["median"] for r in reports]
+    other = [r["machine"].get("other_programs_cpu_seconds") for r in reports]
+    return {"runs": len(reports), "other_programs_cpu_seconds": other,
+            "seconds_per_epoch": {k: {"name": names[k], "runs": v, "median": median(v)}
+                                  for k, v in seconds.items()},
+            "ratios": {k: {"runs": v, "median": median(v)} for k, v in ratios.items()},
+            "evaluate_test_ms": {"runs": evaluate, "median": median(evaluate)}}
+
+
+def format_summary(summary: dict) -> str:
+    n = summary["runs"]
+    head = "".join(f"{'run ' + str(i):>8}" for i in range(1, n + 1)) + f"{'median':>8}"
+    def row(label: str, values: list, mid: float | None, digits: int = 3, verdict: str = "") -> str:
+        cells = "".join("     n/a" if v is None else f"{v:8.{digits}f}" for v in [*values, mid])
+        return f"{label:<44}{cells}   {verdict}".rstrip()
+    lines = [f"{n} runs, each a median over epochs 2..N; seconds per epoch", "",
+             f"{'contender':<44}{head}"]
+    for entry in summary["seconds_per_epoch"].values():
+        if any(v is not None for v in entry["runs"]):
+            lines.append(row(entry["name"], entry["runs"], entry["median"]))
+    lines += ["", f"{'ratio (within each run)':<44}{head}   goal (by the median)"]
+    for name, entry in summary["ratios"].items():
+        if all(v is None for v in entry["runs"]):
+            continue                                  # a contender skipped in every run
+        goal, mid = GOALS.get(name), entry["median"]
+        verdict = "" if goal is None or mid is None else \
+            f"<= {goal}: {'met' if mid <= goal else 'NOT met'}"
+        lines.append(row(name, entry["runs"], mid, 2, verdict))
+    ev = summary["evaluate_test_ms"]
+    lines += ["", row("fmnist evaluate, 10,000 test images (ms)", ev["runs"], ev["median"], 1,
+                      f"< {EVALUATE_GOAL_MS:.0f}: {'met' if ev['median'] < EVALUATE_GOAL_MS else 'NOT met'}")]
+    other = summary["other_programs_cpu_seconds"]
+    lines.append(f"{'CPU-seconds used by other programs':<44}"
+                 + "".join("     n/a" if v is None else f"{v:8.1f}" for v in other))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    report = run(args)
+    report = run(args) if args.runs == 1 else run_in_fresh_processes(args, argv)
     out = args.out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n" + format_table(report))
+    if args.runs == 1:
+        print("\n" + format_table(report))
+    else:
+        print("\n" + format_summary(report["summary"]))
+        print("\n" + "\n".join(machine_lines(report["runs"][-1])[1:2]))
     print(f"\nwritten: {out}")
     return 0
 
