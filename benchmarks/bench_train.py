@@ -12,12 +12,14 @@ evaluation of the validation split.
 
 What is measured, in this order:
 
-1. The GEMM floor: only the matrix products one epoch needs, into preallocated arrays. No
-   implementation of this recipe on this BLAS can be faster, so "x times the floor" says how much
-   time goes to everything else (elementwise work, the optimizer, Python, memory traffic).
-2. This project: `fmnist.train_epoch` + `fmnist.evaluate`, plus `evaluate` on the test set.
-3. scikit-learn's `MLPClassifier` (if installed): the closest off-the-shelf NumPy MLP.
-4. PyTorch (if installed): the same network, run as a user would (default settings), then once
+1. In turns, epoch by epoch (an epoch of each, then the next round), so that all three meet the
+   machine in the same state: the GEMM floor, only the matrix products one epoch needs, into
+   preallocated arrays (no implementation of this recipe on this BLAS can be faster, so "x times
+   the floor" says how much time goes to everything else: elementwise work, the optimizer,
+   Python, memory traffic); Adam's updates alone; and this project, `fmnist.train_epoch` +
+   `fmnist.evaluate`. Then `evaluate` on the test set.
+2. scikit-learn's `MLPClassifier` (if installed): the closest off-the-shelf NumPy MLP.
+3. PyTorch (if installed): the same network, run as a user would (default settings), then once
    more with `torch.set_flush_denormal(True)`.
 
 The project runs before torch and scikit-learn are even imported: importing them loads other
@@ -201,23 +203,14 @@ def backward_gemms(buf: dict, W: list[np.ndarray]) -> None:
             np.matmul(buf["Z"][l], w.T, out=buf["dA"][l])                      # dA = dZ_l W_l^T
 
 
-def repeat_timed(one_epoch, repeats: int, label: str) -> list[float]:
-    """Seconds of `repeats` calls of one_epoch() (which times itself), after one untimed warm-up
-    call; printed as they come."""
-    one_epoch()
-    runs = [one_epoch() for _ in range(repeats)]
-    print(f"  {label}: {', '.join(f'{t:.3f}' for t in runs)} s", flush=True)
-    return runs
-
-
-def bench_gemm_floor(splits, config, repeats: int) -> dict:
-    """Seconds of matrix products in one epoch: per training batch the forward products, the
-    weight gradients and the input gradients (all layers but the first: nothing needs dL/dX), then
-    the validation forward pass in chunks of `fmnist.EVAL_CHUNK` rows, as `fmnist.evaluate` runs it.
+def gemm_floor_epoch(splits, config):
+    """A function that times one epoch's matrix products: per training batch the forward
+    products, the weight gradients and the input gradients (all layers but the first: nothing
+    needs dL/dX), then the validation forward pass in chunks of `fmnist.EVAL_CHUNK` rows, as
+    `fmnist.evaluate` runs it; and a description of the work.
 
     The products read transposed views (`A.T`, `W.T`) exactly like `fmnist.backward`, and write
-    with `out=` into preallocated arrays, so allocation is not counted. Median of `repeats` runs
-    after one warm-up run.
+    with `out=` into preallocated arrays, so allocation is not counted.
     """
     rng = np.random.default_rng(0)
     sizes = config.layer_sizes
@@ -237,18 +230,16 @@ def bench_gemm_floor(splits, config, repeats: int) -> dict:
             forward_gemms(val[b], W)
         return time.perf_counter() - started
 
-    runs = repeat_timed(one_epoch, repeats, "GEMM floor")
-    return {"name": "GEMM floor (matrix products only)",
-            "seconds_per_epoch": statistics.median(runs),
-            "repeats": runs, "train_steps": len(steps), "validation_rows": len(splits.y_val)}
+    return one_epoch, {"name": "GEMM floor (matrix products only)", "train_steps": len(steps),
+                       "validation_rows": len(splits.y_val)}
 
 
-def bench_adam(splits, config, repeats: int) -> dict:
-    """Seconds of one epoch's Adam updates alone: `fmnist.adam_update` on the recipe's flat
-    parameter vector, once per training step, in place as `train_epoch` runs it, on ordinary
-    numbers. Added to the GEMM floor it is the least an epoch can take with this project's Adam
-    kernel: both are work no step can skip, and NumPy runs Adam's elementwise passes on one core.
-    Median of `repeats` runs after one warm-up run."""
+def adam_epoch(splits, config):
+    """A function that times one epoch's Adam updates alone: `fmnist.adam_update` on the recipe's
+    flat parameter vector, once per training step, in place as `train_epoch` runs it, on ordinary
+    numbers; and a description. Added to the GEMM floor it is the least an epoch can take with
+    this project's Adam kernel: both are work no step can skip, and NumPy runs Adam's elementwise
+    passes on one core."""
     rng = np.random.default_rng(1)
     params = fmnist.init_params(config.layer_sizes, config.seed, "float32")
     p = params.flat.copy()
@@ -264,32 +255,52 @@ def bench_adam(splits, config, repeats: int) -> dict:
                                config.weight_decay)
         return time.perf_counter() - started
 
-    runs = repeat_timed(one_epoch, repeats, "Adam updates")
-    return {"name": "Adam updates only (fmnist.adam_update)",
-            "seconds_per_epoch": statistics.median(runs), "repeats": runs, "train_steps": steps,
-            "parameters": int(p.size)}
+    return one_epoch, {"name": "Adam updates only (fmnist.adam_update)", "train_steps": steps,
+                       "parameters": int(p.size)}
 
 
 # ================================================================================================
-# 2. This project
+# 2. This project, in turns with the floor and Adam
 # ================================================================================================
 
-def bench_project(splits, config, epochs: int) -> dict:
-    """`fmnist.train_epoch` then `fmnist.evaluate(validation)`, from `init_params`, epoch by epoch:
-    exactly the work `fmnist.fit` times per epoch, without its early-stopping bookkeeping."""
+def bench_numpy_contenders(splits, config, epochs: int) -> dict:
+    """The GEMM floor, Adam alone and this project, an epoch of each in turn, `epochs` rounds;
+    each one's seconds per epoch is the median over rounds 2..N (round 1 is warm-up for all).
+
+    In turns rather than one after the other because this shared machine's speed changes for
+    minutes at a time: measured one after another, a floor timed in a fast minute against a
+    project timed in a slow one made ratios from 1.6 to 3.2 in one day. Taking turns, the three
+    meet the machine in the same state, so their ratios hold even when the seconds do not.
+
+    The project's epoch is `fmnist.train_epoch` then `fmnist.evaluate(validation)`, from
+    `init_params`: exactly the work `fmnist.fit` times per epoch, without its early-stopping
+    bookkeeping.
+    """
+    floor, floor_info = gemm_floor_epoch(splits, config)
+    adam, adam_info = adam_epoch(splits, config)
     params = fmnist.init_params(config.layer_sizes, config.seed, config.dtype)
     state = fmnist.adam_init(params)
-    records = []
+    floor_runs, adam_runs, records = [], [], []
     for epoch in range(1, epochs + 1):
+        floor_runs.append(floor())
+        adam_runs.append(adam())
+        print(f"  round {epoch}: GEMM floor {floor_runs[-1]:.3f} s, Adam {adam_runs[-1]:.3f} s",
+              flush=True)
         t0 = time.perf_counter()
         params, state, _ = fmnist.train_epoch(params, state, splits.x_train, splits.y_train,
                                               config, epoch)
         t1 = time.perf_counter()
         val = fmnist.evaluate(params, splits.x_val, splits.y_val)
         records.append(epoch_record("fmnist", epoch, t0, t1, time.perf_counter(), val.accuracy))
-    result = summarise("fmnist (this project)", records)
-    result["evaluate_test_ms"] = bench_evaluate(params, splits)
-    return result
+    project = summarise("fmnist (this project)", records)
+    project["evaluate_test_ms"] = bench_evaluate(params, splits)
+    return {"floor": floor_info | rounds_summary(floor_runs),
+            "adam": adam_info | rounds_summary(adam_runs), "project": project}
+
+
+def rounds_summary(runs: list[float]) -> dict:
+    """Seconds per epoch (median over rounds 2..N) and every round's seconds, the first included."""
+    return {"seconds_per_epoch": statistics.median(runs[1:]), "rounds": runs}
 
 
 def bench_evaluate(params, splits, repeats: int = 5) -> dict:
@@ -559,14 +570,13 @@ def machine_lines(report: dict) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=4,
-                   help="epochs per contender (default 4); the median is over epochs 2..N, "
-                        "so at least 2")
+                   help="epochs per contender (default 4; for the GEMM floor and Adam alone, "
+                        "rounds); the median is over epochs 2..N, so at least 2")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file to write (default: runs/bench-<timestamp>.json)")
     p.add_argument("--data-dir", type=Path, default=fmnist.default_data_dir(),
                    help="folder with the IDX files (default: ./data if it exists, else the data/ "
                         "beside fmnist.py)")
-    p.add_argument("--gemm-repeats", type=int, default=5, help="timed repeats of the GEMM floor (default 5)")
     p.add_argument("--skip-torch", action="store_true", help="do not run PyTorch")
     p.add_argument("--skip-sklearn", action="store_true", help="do not run scikit-learn")
     p.add_argument("--runs", type=int, default=1,
@@ -578,8 +588,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--runs must be at least 1")
     if args.epochs < 2:
         p.error("--epochs must be at least 2: epoch 1 is warm-up and is not timed")
-    if args.gemm_repeats < 1:
-        p.error("--gemm-repeats must be at least 1")
     return args
 
 
@@ -589,11 +597,8 @@ def run(args: argparse.Namespace) -> dict:
     config = fmnist.Config(epochs=args.epochs)        # the report's recipe: every other default
     machine = machine_info()                          # before torch/sklearn load their libraries
     splits = fmnist.make_splits(fmnist.load_fashion_mnist(args.data_dir), config)
-    print("GEMM floor", flush=True)
-    c = {"floor": bench_gemm_floor(splits, config, args.gemm_repeats)}
-    c["adam"] = bench_adam(splits, config, args.gemm_repeats)
-    print("this project", flush=True)
-    c["project"] = bench_project(splits, config, args.epochs)
+    print("GEMM floor, Adam alone and this project, an epoch of each in turn", flush=True)
+    c = bench_numpy_contenders(splits, config, args.epochs)
     print("scikit-learn", flush=True)
     c["sklearn"] = (skipped("scikit-learn", "--skip-sklearn") if args.skip_sklearn
                     else bench_sklearn(splits, config, args.epochs))
