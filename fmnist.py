@@ -3517,13 +3517,20 @@ def _flag_value(value: Any) -> str:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """parser.parse_args, except that predict's image files may also follow an option
-    (`predict CKPT --invert a.png`): argparse stops filling a list of positionals at the first
-    option and would call the rest unrecognized. An unknown option is refused with its
-    command's usage line (`train --nope`), not the top-level one argparse would show."""
+    (`predict CKPT --invert a.png`, or `--invert -- -a.png`): argparse stops filling a list of
+    positionals at the first option and would call the rest unrecognized. An unknown option is
+    refused with its command's usage line (`train --nope`), not the top-level one argparse
+    would show, unless it came before the command (`--nope train`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     command = vars(args).pop("command_parser")
+    before = set(argv[:argv.index(args.command)])
+    if before & set(extra):
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e in before)}")
     if args.command == "predict":
-        images = [e for e in extra if not e.startswith("-")]
+        cut = extra.index("--") if "--" in extra else len(extra)    # after --, all are images
+        extra, after_dashes = extra[:cut], extra[cut + 1:]
+        images = [e for e in extra if not e.startswith("-")] + after_dashes
         extra = [e for e in extra if e.startswith("-")]
         if "" in images:
             command.error("an image path is an empty string")

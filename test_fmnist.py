@@ -5269,6 +5269,22 @@ def test_predicts_images_after_an_option_are_not_called_unrecognized(capsys):
         "fmnist predict: error: unrecognized arguments: --bogus"
 
 
+def test_an_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
+    """`fmnist --nope train`: the option was given to fmnist, not to train."""
+    assert exit_code_of_main(["--nope", "train"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "fmnist: error: unrecognized arguments: --nope"
+
+
+@pytest.mark.parametrize("argv", [["--invert", "--", "-a.png"], ["--", "-a.png"],
+                                  ["b.png", "--invert", "--", "-a.png", "--c.png"]], ids=" ".join)
+def test_predicts_images_after_dashes_are_images_even_after_an_option(argv):
+    """After `--`, a name that starts with a dash is an image file, whether or not an option
+    came before (argparse alone handles only the second case)."""
+    args = fmnist.parse_args(fmnist.build_parser(), ["predict", "ckpt.npz", *argv])
+    assert [str(i) for i in args.images] == [a for a in argv if a not in ("--invert", "--")]
+    assert args.invert == ("--invert" in argv)
+
+
 # ================================================================================================
 # The benchmark's summary of several runs (benchmarks/bench_train.py --runs N)
 # ================================================================================================
@@ -5331,10 +5347,39 @@ def test_the_benchmarks_summary_leaves_out_what_no_run_measured_and_meets_a_goal
     assert "< 50: met" in table
 
 
-@pytest.mark.parametrize("argv, kept", [
-    (["--runs", "3", "--epochs", "5"], ["--epochs", "5"]),
-    (["--runs=3", "--out", "x.json", "--skip-torch"], ["--skip-torch"]),
-    (["--out=x.json", "--runs", "2"], []),
-])
-def test_each_of_several_benchmark_runs_gets_the_arguments_but_runs_and_out(argv, kept):
-    assert load_bench_train().without_runs_and_out(argv) == kept
+def test_each_of_several_benchmark_runs_gets_the_same_settings_its_own_out_and_no_runs():
+    """A run of several must not start runs of its own (it would, given --runs again), and must
+    measure what the user asked for: the same epochs, data and skips."""
+    bench = load_bench_train()
+    args = bench.parse_args(["--runs", "3", "--epochs", "5", "--skip-torch", "--data-dir", "d d"])
+    assert bench.one_run_argv(args, Path("x.json"))[2:] == \
+        ["--epochs", "5", "--data-dir", "d d", "--out", "x.json", "--skip-torch"]
+
+
+@pytest.mark.parametrize("abbreviated", [["--run", "3"], ["--ru=3"]])
+def test_the_benchmark_refuses_abbreviated_options(abbreviated, capsys):
+    """`--run 3` for `--runs 3` is refused rather than guessed."""
+    with pytest.raises(SystemExit):
+        load_bench_train().parse_args(abbreviated)
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_the_benchmarks_summary_names_a_contender_skipped_in_some_runs_only():
+    """PyTorch skipped in the first run only: its row is named and shows n/a for that run,
+    with no median (one run short)."""
+    bench = load_bench_train()
+    first = _bench_report(bench, 0.8, 0.4, 1.6, None, 60.0)
+    first["contenders"]["torch"]["name"] = None
+    reports = [first, _bench_report(bench, 0.8, 0.4, 1.6, 2.0, 60.0)]
+    summary = bench.summarise_runs(reports)
+    assert summary["seconds_per_epoch"]["torch"]["name"] == "PyTorch"
+    assert summary["seconds_per_epoch"]["torch"]["median"] is None
+    assert "PyTorch                                          n/a   2.000     n/a" in \
+        bench.format_summary(summary)
+
+
+def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():
+    """Round 1 is warm-up for all three, as epoch 1 is for fmnist: it counts in `rounds` but not
+    in the median."""
+    summary = load_bench_train().rounds_summary([9.0, 1.0, 2.0, 3.0])
+    assert summary == {"seconds_per_epoch": 2.0, "rounds": [9.0, 1.0, 2.0, 3.0]}

@@ -2,7 +2,7 @@
 the GEMM floor, all measured in one run on this machine with the same data arrays.
 
     python benchmarks/bench_train.py [--epochs 4] [--out FILE.json] [--data-dir DIR]
-                                     [--skip-torch] [--skip-sklearn]
+                                     [--skip-torch] [--skip-sklearn] [--runs N]
 
 The recipe (report sections 3-4, `fmnist.Config()`): 784-512-256-128-10, ReLU, dropout 0.3 on the
 hidden layers, L2 (lambda/2) * sum ||W||^2 over the weights (gradient lambda W), Adam (lr 1e-3,
@@ -29,7 +29,8 @@ thread, either of which could change NumPy's speed if it came first.
 Timings on a small, shared machine are noisy: close other programs while it runs, and compare
 ratios from one run rather than seconds from different runs. `--runs N` does the whole benchmark
 N times, each in a fresh Python process (so that every run measures the project before torch is
-imported), one after another, and sums them up as each run's ratio and the median of those.
+imported), one after another, and sums them up as each run's ratio and the median of those;
+each run's own JSON is kept beside the summary's (FILE.run1.json, ...).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -267,10 +267,11 @@ def bench_numpy_contenders(splits, config, epochs: int) -> dict:
     """The GEMM floor, Adam alone and this project, an epoch of each in turn, `epochs` rounds;
     each one's seconds per epoch is the median over rounds 2..N (round 1 is warm-up for all).
 
-    In turns rather than one after the other because this shared machine's speed changes for
-    minutes at a time: measured one after another, a floor timed in a fast minute against a
-    project timed in a slow one made ratios from 1.6 to 3.2 in one day. Taking turns, the three
-    meet the machine in the same state, so their ratios hold even when the seconds do not.
+    In turns rather than one after the other because this shared machine has slow spells lasting
+    minutes: measured one after another, the floor and the project timed in different spells
+    made fmnist / floor anything from 1.7 to 3.2 in one day. Taking turns, the three meet the
+    machine in the same state. (A slow spell still slows the project more than the floor, so the
+    ratio itself is higher then; and PyTorch and scikit-learn run after the three.)
 
     The project's epoch is `fmnist.train_epoch` then `fmnist.evaluate(validation)`, from
     `init_params`: exactly the work `fmnist.fit` times per epoch, without its early-stopping
@@ -568,7 +569,7 @@ def machine_lines(report: dict) -> list[str]:
 # ================================================================================================
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--epochs", type=int, default=4,
                    help="epochs per contender (default 4; for the GEMM floor and Adam alone, "
                         "rounds); the median is over epochs 2..N, so at least 2")
@@ -581,7 +582,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-sklearn", action="store_true", help="do not run scikit-learn")
     p.add_argument("--runs", type=int, default=1,
                    help="whole benchmark runs, one after another, each in a fresh process; with "
-                        "more than one, the table gives each run's figures and their median "
+                        "more than one, the table gives each run's figures and their median, "
+                        "and each run's JSON is kept beside --out's as NAME.runI.json "
                         "(default 1)")
     args = p.parse_args(argv)
     if args.runs < 1:
@@ -628,33 +630,31 @@ def run(args: argparse.Namespace) -> dict:
 # Several runs: each run's figures and their median
 # ================================================================================================
 
-def run_in_fresh_processes(args: argparse.Namespace, argv: list[str]) -> dict:
-    """The benchmark `args.runs` times, each in a new Python process given the same arguments,
-    and what they measured: every run's report, and `summarise_runs` of them."""
+def run_in_fresh_processes(args: argparse.Namespace, out: Path) -> dict:
+    """The benchmark `args.runs` times, each in a new Python process with the same settings,
+    writing its own JSON beside `out` (out.run1.json, ...), and what they measured: every run's
+    report, and `summarise_runs` of them. A run that fails stops the rest (exit 1, naming it)."""
     reports = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(1, args.runs + 1):
-            print(f"=== run {i} of {args.runs}", flush=True)
-            out = Path(tmp) / f"run{i}.json"
-            subprocess.run([sys.executable, __file__, *without_runs_and_out(argv), "--out",
-                            str(out)], check=True)
-            reports.append(json.loads(out.read_text()))
+    for i in range(1, args.runs + 1):
+        print(f"=== run {i} of {args.runs}", flush=True)
+        run_out = out.with_name(f"{out.stem}.run{i}.json")
+        done = subprocess.run(one_run_argv(args, run_out))
+        if done.returncode != 0:
+            kept = f"; the runs before it are in {out.stem}.run1.json ..." if i > 1 else ""
+            raise SystemExit(f"bench_train.py: run {i} of {args.runs} failed (exit code "
+                             f"{done.returncode}){kept}")
+        reports.append(json.loads(run_out.read_text()))
     return {"benchmark": "bench_train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "summary": summarise_runs(reports), "runs": reports}
 
 
-def without_runs_and_out(argv: list[str]) -> list[str]:
-    """argv less --runs and --out (as `--runs 3` or `--runs=3`), for one run of several."""
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--runs", "--out"):
-            skip = True
-        elif not a.startswith(("--runs=", "--out=")):
-            kept.append(a)
-    return kept
+def one_run_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """The command line of one run of several: the same settings, its own --out, no --runs."""
+    return [sys.executable, __file__, "--epochs", str(args.epochs), "--data-dir",
+            str(args.data_dir), "--out", str(out),
+            *(["--skip-torch"] if args.skip_torch else []),
+            *(["--skip-sklearn"] if args.skip_sklearn else [])]
 
 
 def summarise_runs(reports: list[dict]) -> dict:
@@ -667,8 +667,8 @@ def summarise_runs(reports: list[dict]) -> dict:
         return statistics.median(known) if len(known) == len(values) else None
     seconds = {key: [(r["contenders"].get(key) or {}).get("seconds_per_epoch") for r in reports]
                for key in ("floor", "adam", "project", "torch", "torch_ftz", "sklearn")}
-    names = {key: next(((r["contenders"].get(key) or {}).get("name") for r in reports), key)
-             for key in seconds}
+    names = {key: next((r["contenders"][key]["name"] for r in reports
+                        if (r["contenders"].get(key) or {}).get("name")), key) for key in seconds}
     ratios = {name: [r["ratios"][name] for r in reports] for name in reports[0]["ratios"]}
     evaluate = [r["contenders"]["project"]["evaluate_test_ms"]["median"] for r in reports]
     other = [r["machine"].get("other_programs_cpu_seconds") for r in reports]
@@ -708,11 +708,10 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    report = run(args) if args.runs == 1 else run_in_fresh_processes(args, argv)
     out = args.out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    report = run(args) if args.runs == 1 else run_in_fresh_processes(args, out)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if args.runs == 1:
         print("\n" + format_table(report))
