@@ -3,8 +3,11 @@
 `fmnist.backward` is the chain rule written out by hand, so nothing but a test stands between a
 typo in it and a network that trains a little worse for no visible reason. The test here is the
 definition of a derivative: nudge one parameter by +h and by -h, and the loss must change by about
-2h times the gradient that `backward` reported for that parameter. The networks are tiny (1-3
-hidden layers of width 1-8), so every single parameter is checked, not a sample of them.
+2h times the gradient that `backward` reported for that parameter. (The plain difference is off by
+about h^2 L''' / 6, which batch norm can make large, so the numerical side is Richardson's
+extrapolation (4 N(h) - N(2h)) / 3 of two such differences, in which the h^2 terms cancel.) The
+networks are tiny (1-3 hidden layers of width 1-8), so every single parameter is checked, not a
+sample of them.
 
 The second half checks the softmax and cross-entropy that feed backprop: they must survive logits
 that would overflow a naive `exp`, and the fused gradient `(softmax - onehot) / B` must have the
@@ -38,12 +41,12 @@ EPS64 = np.finfo(np.float64).eps   # 2.2e-16: relative rounding error of one flo
 
 # Central differences N(h) = (L(p + h) - L(p - h)) / 2h have two errors that pull h in opposite
 # ways:
-#   truncation  ~ h^2 / 6 * L'''             (shrinks with h: 1e-12 * L''' at h = 1e-6)
+#   truncation  ~ h^2 / 6 * L'''             (shrinks with h: 1.7e-13 * L''' at h = 1e-6)
 #   rounding    ~ eps * |L| / h              (grows as h shrinks: 2e-10 * |L| at h = 1e-6)
 # h = 1e-6 makes both tiny for most networks, and rounding sets the absolute tolerance below. But
 # L''' can be huge: with batch norm, a column whose variance is near BN_EPS (1e-5) made the
-# error 1.4 times the tolerance at h = 1e-6, and 100 times larger at h = 1e-5: truncation
-# (found by a targeted Hypothesis search; see bn_truncation_case). So the checks use Richardson's
+# error 1.1 times the tolerance at h = 1e-6 (bn_truncation_case, found by a targeted Hypothesis
+# search): truncation, which grows as h^2, a hundred times larger at h = 1e-5. So the checks use Richardson's
 # extrapolation (4 N(h) - N(2h)) / 3, fm.richardson_gradient, in which the h^2 terms cancel,
 # leaving h^4 ones; its rounding error is at most (4 + 1/2) / 3 = 1.5 times that of N(h).
 # (fmnist.gradient_check, the user's command, extrapolates the same way from h = 3e-5, with one
@@ -53,15 +56,19 @@ H = 1e-6
 
 # Measured, the finite-difference error stays below 1.3 * eps * max(1, |L|) / h on these networks;
 # 64 (times Richardson's 1.5) leaves a wide margin while still catching any real mistake (a wrong
-# gradient is off by about its own size, typically 1e-3 or more, against a tolerance near 1e-8).
+# gradient is off by about its own size, typically 1e-3 or more, against a tolerance of
+# 2e-8 * max(1, |L|) without batch norm, and up to about 1e-5 with it, where the loss's rounding
+# is magnified: see batch_norm_magnification).
 ROUNDING_SAFETY = 64 * 1.5
 FD_RTOL = 1e-6          # room for what truncation is left after extrapolation
 
-# ReLU has a kink at 0 where it has no derivative: if a nudge of h carries a pre-activation Z across
-# 0, the finite difference measures the average of two slopes, not the derivative. A change of h in
-# one parameter moves any Z by h * |dZ/dparam|, measured below 90 for these small, bounded networks,
-# so keeping every (kept) hidden pre-activation at least 1000 h away from 0 keeps each nudge on one
-# linear piece of every ReLU.
+# ReLU has a kink at 0 where it has no derivative: if a nudge carries a pre-activation Z across
+# 0, the finite difference measures the average of two slopes, not the derivative. A change of up
+# to 2h in one parameter (Richardson's wider step) moves any Z by at most 2h * |dZ/dparam|, measured
+# below 90 for these small, bounded networks without batch norm, so keeping every (kept) hidden
+# pre-activation at least 1000 h away from 0 keeps each nudge on one linear piece of every ReLU.
+# Batch norm multiplies |dZ/dparam| by |g| / std, up to 316 times; there step_is_fine_enough,
+# which skips a network whose loss does not behave smoothly within the step, is the real guard.
 KINK_MARGIN = 1000 * H
 
 DTYPES = ("float32", "float64")
@@ -85,8 +92,10 @@ class Case(NamedTuple):
 def layer_sizes(draw) -> tuple[int, ...]:
     """(n_in, h_1, ..., h_k, n_out): 1-3 hidden layers of width 1-8, 2-10 output classes.
 
-    Width 1 is allowed on purpose: a one-unit layer is where a transposed matrix or a wrong
-    broadcast in backward still "works" for square shapes and fails only here.
+    Widths overlap with each other and with batches of 1-6, so square shapes occur: there a
+    transposed W or a sum over the wrong axis has the right shape, and only the values are wrong.
+    Width 1 is allowed on purpose: there a missing axis broadcasts silently. Only comparing
+    values, as the finite-difference checks do, catches either.
     """
     n_in = draw(st.integers(1, 8))
     hidden = draw(st.lists(st.integers(1, 8), min_size=1, max_size=3))
@@ -211,6 +220,12 @@ def batch_norm_magnification(params, cache: fm.Cache) -> float:
 
 
 def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
+    """The heart of this file: every entry of backward's gradient against the Richardson estimate
+    (fm.richardson_gradient) of the slope of total_loss along that parameter, with the
+    rounding-aware tolerance of assert_gradients_match. Two kinds of network are skipped (by
+    Hypothesis's `assume`, which draws another): one with a kept pre-activation within KINK_MARGIN
+    of ReLU's kink, where no finite difference measures the derivative; and, with batch norm, one
+    whose loss bends within the step (step_is_fine_enough, below)."""
     assume(distance_to_kink(case) > KINK_MARGIN)
 
     def loss(params):
@@ -292,9 +307,10 @@ def test_backward_with_label_smoothing_matches_finite_differences(case, smoothin
 
 def identical_rows_case(rows: int = 3, value: float = 3.0) -> Case:
     """A 1-5-3 batch-norm network on a batch whose rows are all the same: each hidden column
-    is constant, so Z - mean is rounding error only and 1 / std is 1 / sqrt(BN_EPS). Found by
-    mutation testing, where the default profile failed here 2 times in 103 runs before the
-    tolerance followed batch_norm_magnification."""
+    is constant, so Z - mean is rounding error only and 1 / std is 1 / sqrt(BN_EPS). Hypothesis
+    found it while the suite was being run over and over (to check that it catches deliberate
+    mistakes): before the tolerance followed batch_norm_magnification, the default profile
+    failed a correct backward here about 2 runs in 100."""
     rng = np.random.default_rng(0)
     params = {k: np.array(a) for k, a in fm.init_params((1, 5, 3), 0, "float64", True).items()}
     for k in params:
@@ -307,8 +323,8 @@ def identical_rows_case(rows: int = 3, value: float = 3.0) -> Case:
 def bn_truncation_case() -> Case:
     """A 2-3-4-3 batch-norm network (values rounded to 4 digits) found by a targeted Hypothesis
     search: a column of layer 2 varies over the batch by about sqrt(BN_EPS), so the loss bends so
-    sharply along g1[0] that the plain central difference's truncation error at h = 1e-6 was
-    1.4 times the tolerance (and 100 times larger at h = 1e-5). backward is right; Richardson's
+    sharply along g1[0] that the plain central difference's truncation error at h = 1e-6 is
+    1.1 times the tolerance (as stored here; it grows as h^2). backward is right; Richardson's
     extrapolation is what makes the check see that."""
     params = {
         "W1": [[1.024, 0.3589, -0.8636], [0.03135, 0.171, -0.08161]],
@@ -345,10 +361,10 @@ def test_backward_with_batch_norm_matches_finite_differences(case):
 
 
 def test_a_network_whose_loss_bends_within_the_step_is_told_apart_and_backward_is_right_on_it():
-    """The network Hypothesis once found (mutation run 3): batch norm twice, W1 = -5.4e-5. At H
-    the finite difference is off by 2.8e-6 relative, and the check above failed a correct
-    backward; step_is_fine_enough now tells it apart, and at H/10 (where the estimate has
-    converged) backward agrees to 1e-8."""
+    """A network Hypothesis once found: batch norm twice, W1 = -5.4e-5. At H the finite
+    difference is off by 2.8e-6 relative, and the check above failed a correct backward;
+    step_is_fine_enough now tells it apart, and at H/10 (where the estimate has converged)
+    backward agrees with it for every parameter, W1's gradient to 1e-8."""
     k = 1 / 0.75
     params = fm.Params.from_arrays({name: np.array(v, np.float64) for name, v in {
         "W1": [[-5.433619379159885e-05]], "b1": [1.0], "g1": [1.0],
@@ -377,32 +393,38 @@ def test_a_network_whose_loss_bends_within_the_step_is_told_apart_and_backward_i
         assert_gradients_match(analytic, numeric, scale)
     assert not step_is_fine_enough(loss, params, numeric, scale)
     converged = fm.richardson_gradient(loss, params, H / 10)
+    assert_gradients_match(analytic, converged, scale, h=H / 10)
     np.testing.assert_allclose(analytic["W1"], converged["W1"], rtol=1e-8)
 
 
-@settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 4 losses per parameter
+@settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 784 inputs make
+                                                                # ~3,000 parameters, 4 losses each
 @given(hidden=st.lists(st.integers(1, 4), min_size=1, max_size=3), batch=st.integers(2, 5),
        seed=st.integers(0, 2**32 - 1), batch_norm=st.booleans())
-@example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences fail it (test_fmnist)
+@example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences fail it
 def test_the_gradcheck_command_passes_the_modules_own_backward(hidden, batch, seed, batch_norm):
-    """`fmnist gradcheck` must say PASS for this module's backward on any small network it
-    builds, batch norm included (a learner who sees FAIL will look for a bug that is not there).
-    Its fixed relative tolerance is not the rounding-aware one above, so it is checked on its own."""
+    """`fmnist gradcheck` must say PASS for this module's backward on the small networks it
+    builds (here 1-3 hidden layers of width 1-4, batches of 2-5, with and without batch norm, the
+    command's default dropout and L2): a learner who sees FAIL will look for a bug that is not
+    there. Its fixed relative tolerance is not the rounding-aware one above, so it is checked on
+    its own."""
     case = fm.gradcheck_case(tuple(hidden), batch, seed, batch_norm=batch_norm)
     assert max(error for _, error in fm.gradient_check(case).values()) < fm.GRADCHECK_TOL
 
 
 @given(case=small_networks(dropout=True, l2=False, batch_norm=True), data=st.data())
 def test_batch_norm_backward_removes_what_normalisation_cannot_change(case, data):
-    """dZ from batch_norm_backward sums to zero down each column and is orthogonal to Z_hat.
+    """dZ from batch_norm_backward sums to zero down each column, and its dot product with Z_hat
+    is g dg BN_EPS / std^3 (about 0 once the variance is well above BN_EPS).
 
     Adding a constant to a column of Z leaves the normalised output unchanged, so the loss cannot
     change in that direction and its gradient has no component along it. Scaling a column about
     its mean would leave it unchanged too but for BN_EPS, which makes the scale matter a little:
     Z_hat . dZ = g dg BN_EPS / std^3 exactly, ~0 once var >> BN_EPS. Checked on the first hidden
-    layer of a network, with a random upstream gradient. The tolerance is relative, plus 1e-300
-    for upstream gradients as small as 1e-313 (drawn by CI's profile): subnormal numbers carry
-    fewer digits, so there the rounding is absolute, about 1e-321 here.
+    layer of a network, with a random upstream gradient. The tolerance is relative, plus a floor
+    of 1e-300 for upstream gradients so small (Hypothesis has drawn 1e-313) that they are
+    subnormal, where rounding is absolute. These are facts of structure: a dZ missing g or 1/B
+    would keep them, and the finite-difference test above is what catches a wrong scale.
     """
     _, cache = fm.forward(case.params, case.x, case.masks)
     norm, g = cache.norms[0], case.params["g1"]
@@ -420,7 +442,7 @@ def test_batch_norm_backward_removes_what_normalisation_cannot_change(case, data
 @given(case=small_networks(dropout=False, l2=False, batch_norm=True))
 def test_batch_norm_output_has_mean_b_and_standard_deviation_g_over_the_batch(case):
     """Each unit leaves batch norm with mean b and standard deviation |g| over the batch (a bit
-    less: sigma^2 / (sigma^2 + BN_EPS) of it), whatever the weights below: the point of it.
+    less: sqrt(sigma^2 / (sigma^2 + BN_EPS)) of it), whatever the weights below: the point of it.
     Z is rebuilt from the cache, so the test first checks that it is what forward fed the ReLU."""
     _, cache = fm.forward(case.params, case.x)
     for l, norm in enumerate(cache.norms, start=1):
@@ -484,8 +506,8 @@ def test_l2_adds_exactly_lambda_w_to_weight_gradients_only(case):
     """d/dW ((lambda / 2) ||W||^2) = lambda W, and the penalty does not depend on the data.
 
     So switching L2 on must add lambda W to each weight gradient and change nothing else: the
-    biases are not penalised, and the data term is unaffected. Up to the one rounding of that
-    addition, (g + c) - g == c within eps * (|g| + |c|).
+    biases are not penalised, and the data term is unaffected. Up to two roundings (the addition
+    in backward, the subtraction here), (g + c) - g == c within 2 eps (|g| + |c|).
     """
     _, cache = fm.forward(case.params, case.x, case.masks)
     with_l2 = fm.backward(case.params, cache, case.labels, case.l2)
@@ -502,10 +524,13 @@ def test_l2_adds_exactly_lambda_w_to_weight_gradients_only(case):
 def test_relu_passes_no_gradient_at_exactly_zero():
     """ReLU has no derivative at 0; backward takes 0 there (the gate is 1[Z > 0]), as PyTorch
     does. The finite-difference checks keep every Z away from 0, so they cannot see this case,
-    which is common in practice: zero biases and an all-black input give Z = 0 exactly. A gate
-    of 1[Z >= 0] would pass gradient to units that are off."""
-    params = fm.init_params((3, 4, 2), seed=0, dtype="float64")      # biases start at 0
-    x, labels = np.zeros((2, 3)), np.array([0, 0])
+    which happens in practice (zero biases, init's, and an all-zero input give Z = 0 exactly).
+    Here the bias is set to -x W1, so that Z1 = x W1 + b1 is exactly 0 for a nonzero input: a
+    gate of 1[Z >= 0] would pass gradient to units that are off, and W1's gradient x^T dZ1 would
+    not be 0."""
+    params = {k: np.array(a) for k, a in fm.init_params((3, 4, 2), seed=0, dtype="float64").items()}
+    x, labels = np.array([[1.0, -2.0, 0.5]] * 2), np.array([0, 0])
+    params["b1"] = -(x @ params["W1"])[0]                        # the product forward computes
     _, cache = fm.forward(params, x)
     assert not cache.gates[0].any()                                     # Z1 = 0: every gate shut
     grads = fm.backward(params, cache, labels)
@@ -667,8 +692,9 @@ def test_smoothed_cross_entropy_is_smallest_at_finite_logits_where_softmax_is_th
 @given(data=st.data())
 def test_cross_entropy_with_smoothing_of_extreme_logits_is_finite_and_bounded(dtype, data):
     """Smoothing adds e mean_k(-log p_k), which involves the *least* likely classes too, whose
-    -log p (up to 2e300 in float64) a clipped or log(softmax) implementation would turn into inf.
-    Each -log p_k is in [max - z_k, log K + (max - z_k)] (see the test above), so the loss, the
+    -log p (up to 2e300 in float64) a log(softmax) implementation would turn into inf (and a
+    clipped one cap at 27.6). Each -log p_k is in [max - z_k, log K + (max - z_k)] (see
+    test_cross_entropy_of_extreme_logits_is_finite_and_non_negative), so the loss, the
     mean of sum_k T_k (-log p_k), stays within log K above mean sum_k T_k (max - z_k), and not below.
     """
     z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
@@ -707,7 +733,8 @@ def test_backward_logit_gradient_rows_sum_to_zero_even_at_extreme_logits(dtype, 
     Seen from calculus: the loss does not change when a constant is added to a row of logits
     (shift invariance), so its gradient with respect to that row has no component along
     (1, ..., 1); that is, the row of dL/dZ sums to zero. Read straight from `backward`
-    (logit_gradient), at logits far beyond what exp can take.
+    (logit_gradient), at logits far beyond what exp can take. This is structure only (a -1 in the
+    wrong class would keep it); the next tests check the values.
     """
     z, labels = data.draw(logits_and_labels(dtype, EXTREME[dtype]))
     B, K = z.shape
@@ -727,7 +754,8 @@ def flush_example() -> tuple[np.ndarray, np.ndarray]:
 @example(z_and_labels=flush_example())
 def test_float32_logit_gradient_is_the_float64_one_but_for_the_flushed_tiny_numbers(z_and_labels):
     """backward flushes entries of dL/dZ_L below about 1e-19 to zero (flush_to_zero, to keep
-    subnormal numbers out of the matrix products) and changes nothing else: in float32, with
+    subnormal numbers out of the matrix products) and changes nothing else by more than that
+    flush's own rounding (up to 2 sqrt(tiny)) allows: in float32, with
     logits within +-30 (probabilities down to e^-60 = 9e-27, so some entries are flushed), no
     nonzero entry is below sqrt(tiny) = 1.1e-19, and every entry equals the float64
     (softmax(z) - onehot(y)) / B of the same logits to 1e-4 relative, or to 2 sqrt(tiny) = 2.2e-19
@@ -769,8 +797,9 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch(z_and_labels)
 
 
 def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
-    """db_L and dW_L - lambda W_L from backward against dZ_L = (softmax - T) / B, recomputed in
-    float64 from the logits, and their sums over the classes against zero."""
+    """db_L and dW_L - lambda W_L from backward against dZ_L = (softmax - T) / B and A^T dZ_L,
+    recomputed in float64 from the logits and the layer's input, and their sums over the classes
+    against zero."""
     params, B = case.params, len(case.labels)
     dtype = params.flat.dtype
     L = fm.num_layers(params)
@@ -786,6 +815,7 @@ def check_output_layer_row_sums(case: Case, smoothing: float) -> None:
     Z = hidden_preactivations(params, case.x, case.masks)[-1]                    # (B, n_{L-1})
     A = np.maximum(Z, 0) * (1.0 if case.masks is None else case.masks[-1])      # input of layer L
     scale = np.abs(A).max() + np.abs(params[f"W{L}"]).max()
+    np.testing.assert_allclose(data_part, A.T @ dz, rtol=0, atol=8 * (B + K) * eps * (1 + scale))
     np.testing.assert_allclose(data_part.sum(axis=1), 0.0, rtol=0, atol=8 * K * eps * (1 + scale))
 
 
@@ -796,8 +826,9 @@ def test_output_layer_gradients_inherit_the_zero_row_sums(dtype, data):
 
     * db_L = sum over the batch of dZ_L, which we recompute here from the logits;
     * since every row of dZ_L sums to zero, so does db_L over the classes;
-    * and dW_L = A^T dZ_L (plus lambda W_L) inherits it: each row of dW_L - lambda W_L sums
-      to zero, i.e. adding the same amount to all of a unit's outgoing weights changes no loss.
+    * dW_L - lambda W_L = A^T dZ_L, with A the layer's input (after ReLU and dropout), and it
+      inherits the zero sums: each of its rows sums to zero, i.e. adding the same amount to all
+      of a unit's outgoing weights changes no loss.
     Dropout and L2 are on: neither touches dZ_L, so neither may change these facts.
     """
     check_output_layer_row_sums(data.draw(small_networks(dtype=dtype)), smoothing=0.0)
