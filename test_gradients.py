@@ -219,27 +219,6 @@ def batch_norm_magnification(params, cache: fm.Cache) -> float:
     return magnification
 
 
-def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
-    """The heart of this file: every entry of backward's gradient against the Richardson estimate
-    (fm.richardson_gradient) of the slope of total_loss along that parameter, with the
-    rounding-aware tolerance of assert_gradients_match. Two kinds of network are skipped (by
-    Hypothesis's `assume`, which draws another): one with a kept pre-activation within KINK_MARGIN
-    of ReLU's kink, where no finite difference measures the derivative; and, with batch norm, one
-    whose loss bends within the step (step_is_fine_enough, below)."""
-    assume(distance_to_kink(case) > KINK_MARGIN)
-
-    def loss(params):
-        return fm.total_loss(params, case.x, case.labels, case.l2, case.masks, smoothing)
-
-    _, cache = fm.forward(case.params, case.x, case.masks)
-    analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
-    numeric = fm.richardson_gradient(loss, case.params, H)
-    loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
-    if cache.norms:
-        assume(step_is_fine_enough(loss, case.params, numeric, loss_scale))
-    assert_gradients_match(analytic, numeric, loss_scale)
-
-
 def step_is_fine_enough(loss, params, numeric, loss_scale: float) -> bool:
     """Whether a step of H resolves the loss's curvature: the estimate at H/4 agrees with it as
     closely as the check itself demands of backward. It does not when the loss bends within H,
@@ -253,6 +232,27 @@ def step_is_fine_enough(loss, params, numeric, loss_scale: float) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def check_backward_against_finite_differences(case: Case, smoothing: float = 0.0) -> None:
+    """The heart of this file: every entry of backward's gradient against the Richardson estimate
+    (fm.richardson_gradient) of the slope of total_loss along that parameter, with the
+    rounding-aware tolerance of assert_gradients_match. Two kinds of network are skipped (by
+    Hypothesis's `assume`, which draws another): one with a kept pre-activation within KINK_MARGIN
+    of ReLU's kink, where no finite difference measures the derivative; and, with batch norm, one
+    whose loss bends within the step (step_is_fine_enough, above)."""
+    assume(distance_to_kink(case) > KINK_MARGIN)
+
+    def loss(params):
+        return fm.total_loss(params, case.x, case.labels, case.l2, case.masks, smoothing)
+
+    _, cache = fm.forward(case.params, case.x, case.masks)
+    analytic = fm.backward(case.params, cache, case.labels, case.l2, smoothing)
+    numeric = fm.richardson_gradient(loss, case.params, H)
+    loss_scale = max(abs(loss(case.params)), batch_norm_magnification(case.params, cache))
+    if cache.norms:
+        assume(step_is_fine_enough(loss, case.params, numeric, loss_scale))
+    assert_gradients_match(analytic, numeric, loss_scale)
 
 
 def onehot(labels: np.ndarray, k: int) -> np.ndarray:
@@ -303,6 +303,11 @@ def test_backward_with_label_smoothing_matches_finite_differences(case, smoothin
     the wrong entries (the true class only, say, or divided e by B twice) this check sees it.
     """
     check_backward_against_finite_differences(case, smoothing)
+
+
+# ================================================================================================
+# Batch norm: the same check through the batch's mean and variance, and what it must keep
+# ================================================================================================
 
 
 def identical_rows_case(rows: int = 3, value: float = 3.0) -> Case:
@@ -397,21 +402,6 @@ def test_a_network_whose_loss_bends_within_the_step_is_told_apart_and_backward_i
     np.testing.assert_allclose(analytic["W1"], converged["W1"], rtol=1e-8)
 
 
-@settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 784 inputs make
-                                                                # ~3,000 parameters, 4 losses each
-@given(hidden=st.lists(st.integers(1, 4), min_size=1, max_size=3), batch=st.integers(2, 5),
-       seed=st.integers(0, 2**32 - 1), batch_norm=st.booleans())
-@example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences fail it
-def test_the_gradcheck_command_passes_the_modules_own_backward(hidden, batch, seed, batch_norm):
-    """`fmnist gradcheck` must say PASS for this module's backward on the small networks it
-    builds (here 1-3 hidden layers of width 1-4, batches of 2-5, with and without batch norm, the
-    command's default dropout and L2): a learner who sees FAIL will look for a bug that is not
-    there. Its fixed relative tolerance is not the rounding-aware one above, so it is checked on
-    its own."""
-    case = fm.gradcheck_case(tuple(hidden), batch, seed, batch_norm=batch_norm)
-    assert max(error for _, error in fm.gradient_check(case).values()) < fm.GRADCHECK_TOL
-
-
 @given(case=small_networks(dropout=True, l2=False, batch_norm=True), data=st.data())
 def test_batch_norm_backward_removes_what_normalisation_cannot_change(case, data):
     """dZ from batch_norm_backward sums to zero down each column, and its dot product with Z_hat
@@ -468,6 +458,31 @@ def test_batch_norm_in_float32_centres_before_it_squares(offset, seed):
     np.testing.assert_allclose(out.astype(np.float64).std(axis=0), expected, rtol=1e-3)
     mean_rounding = 8 * offset * np.finfo(np.float32).eps           # of float32's mean of Z
     np.testing.assert_allclose(out.astype(np.float64).mean(axis=0), 0.0, atol=mean_rounding)
+
+
+# ================================================================================================
+# The gradcheck command: a learner's own check must pass this module's backward
+# ================================================================================================
+
+
+@settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 784 inputs make
+                                                                # ~3,000 parameters, 4 losses each
+@given(hidden=st.lists(st.integers(1, 4), min_size=1, max_size=3), batch=st.integers(2, 5),
+       seed=st.integers(0, 2**32 - 1), batch_norm=st.booleans())
+@example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences fail it
+def test_the_gradcheck_command_passes_the_modules_own_backward(hidden, batch, seed, batch_norm):
+    """`fmnist gradcheck` must say PASS for this module's backward on the small networks it
+    builds (here 1-3 hidden layers of width 1-4, batches of 2-5, with and without batch norm, the
+    command's default dropout and L2): a learner who sees FAIL will look for a bug that is not
+    there. Its fixed relative tolerance is not the rounding-aware one above, so it is checked on
+    its own."""
+    case = fm.gradcheck_case(tuple(hidden), batch, seed, batch_norm=batch_norm)
+    assert max(error for _, error in fm.gradient_check(case).values()) < fm.GRADCHECK_TOL
+
+
+# ================================================================================================
+# Gradients' form, the L2 term, and ReLU at its kink
+# ================================================================================================
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
