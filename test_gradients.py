@@ -46,9 +46,9 @@ EPS64 = np.finfo(np.float64).eps   # 2.2e-16: relative rounding error of one flo
 # h = 1e-6 makes both tiny for most networks, and rounding sets the absolute tolerance below. But
 # L''' can be huge: with batch norm, a column whose variance is near BN_EPS (1e-5) made the
 # error 1.1 times the tolerance at h = 1e-6 (bn_truncation_case, found by a targeted Hypothesis
-# search): truncation, which grows as h^2, a hundred times larger at h = 1e-5. So the checks use Richardson's
-# extrapolation (4 N(h) - N(2h)) / 3, fm.richardson_gradient, in which the h^2 terms cancel,
-# leaving h^4 ones; its rounding error is at most (4 + 1/2) / 3 = 1.5 times that of N(h).
+# search): truncation, which grows as h^2, a hundred times larger at h = 1e-5. So the checks use
+# Richardson's extrapolation (4 N(h) - N(2h)) / 3, fm.richardson_gradient, in which the h^2 terms
+# cancel, leaving h^4 ones; its rounding error is at most (4 + 1/2) / 3 = 1.5 times that of N(h).
 # (fmnist.gradient_check, the user's command, extrapolates the same way from h = 3e-5, with one
 # fixed relative tolerance; here the tolerance follows the rounding term, so a smaller h, with
 # less truncation error, can be used.)
@@ -466,7 +466,7 @@ def test_batch_norm_in_float32_centres_before_it_squares(offset, seed):
 
 
 @settings(max_examples=max(3, settings().max_examples // 5))   # seconds each: 784 inputs make
-                                                                # ~3,000 parameters, 4 losses each
+                                                                # up to ~3,000 parameters, 4 losses each
 @given(hidden=st.lists(st.integers(1, 4), min_size=1, max_size=3), batch=st.integers(2, 5),
        seed=st.integers(0, 2**32 - 1), batch_norm=st.booleans())
 @example(hidden=[3, 3, 3], batch=3, seed=9, batch_norm=True)    # plain differences fail it
