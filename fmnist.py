@@ -2679,7 +2679,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
     except OSError as e:              # a full disk: state.npz, written atomically, is still whole
         _drop_unsaved_best(out)
         go_on = f"; {_resume_hint(out, saved)}" if saved and not args.member else ""
-        raise FmnistError(f"{e.filename or out}: {e.strerror or e}{go_on}") from None
+        raise _write_failed(e, out, go_on) from None
     except DivergedError as e:
         best = out / "best.npz"
         kept = f"; the best checkpoint so far is intact at {best}" if best.exists() else ""
@@ -2690,8 +2690,7 @@ def run_train(args: argparse.Namespace, config: Config) -> int:
         print(f"\ninterrupted {_how_to_finish(out, saved, args.member)}", file=sys.stderr)
         return 130
     except OSError as e:
-        raise FmnistError(f"{e.filename or out}: {e.strerror or e}; stopped "
-                          f"{_how_to_finish(out, saved, args.member)}") from None
+        raise _write_failed(e, out, f"; stopped {_how_to_finish(out, saved, args.member)}") from None
     print(("early stopping after epoch %d\n" % state.epoch if metrics["stopped_early"] else "")
           + format_results(metrics), flush=True)
     print(f"run directory: {out}")
@@ -2709,6 +2708,12 @@ def _finish_run(out: Path, state: TrainState, history: list[dict], splits: Split
     write_json(out / "metrics.json", metrics)
     write_run_artifacts(out, data_dir)                   # curves/confusion/mistakes.png, report.md
     return metrics
+
+
+def _write_failed(e: OSError, out: Path, go_on: str) -> FmnistError:
+    """One line for a run's file that could not be written (a full disk): which file, why, and
+    `go_on`, what to do next."""
+    return FmnistError(f"{e.filename or out}: {e.strerror or e}{go_on}")
 
 
 def _drop_unsaved_best(out: Path) -> None:
@@ -3111,13 +3116,12 @@ def load_members(paths: Sequence[Path], shared: Sequence[str] = (*SPLIT_FIELDS, 
     """load_checkpoint of each path, refusing members that would not make an ensemble: they
     must share the split (to be evaluated on it), dtype and flip averaging, and be different
     files (a run's directory and its best.npz are one file)."""
-    first: dict[Path, Path] = {}
-    for path in paths:
-        if Path(path).resolve() in first:
-            earlier = first[Path(path).resolve()]
-            also = "" if str(earlier) == str(path) else f" (as {earlier} too)"
+    first: dict[Path, int] = {}                     # each file's real path: where first given
+    for i, path in enumerate(paths):
+        j = first.setdefault(Path(path).resolve(), i)
+        if j != i:
+            also = "" if str(paths[j]) == str(path) else f" (as {paths[j]} too)"
             raise CheckpointError(f"{path}: given twice{also}; an ensemble takes each member once")
-        first[Path(path).resolve()] = path
     loaded = [load_checkpoint(path) for path in paths]
     config = loaded[0][1]
     for path, (_, other, _) in zip(paths[1:], loaded[1:]):

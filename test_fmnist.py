@@ -4837,13 +4837,17 @@ def test_adam_refuses_a_state_that_does_not_match_the_parameters():
 # The profile of an epoch (benchmarks/profile_epoch.py): samples land in the right category
 # ================================================================================================
 
-def load_profile_epoch():
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("profile_epoch",
-                                                  HERE / "benchmarks" / "profile_epoch.py")
+    spec = importlib.util.spec_from_file_location(name, HERE / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_profile_epoch():
+    return load_benchmark("profile_epoch")
 
 
 def matrix_product_lines(source: str, functions: set[str]) -> tuple[set[int], set[int]]:
@@ -5290,12 +5294,7 @@ def test_predicts_images_after_dashes_are_images_even_after_an_option(argv):
 # ================================================================================================
 
 def load_bench_train():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train",
-                                                  HERE / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_train")
 
 
 def _bench_report(bench, floor, adam, project, torch, evaluate_ms, other=0.0) -> dict:

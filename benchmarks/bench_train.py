@@ -506,6 +506,16 @@ def compute_ratios(c: dict) -> dict:
     }
 
 
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def ratio_verdict(name: str, value: float | None) -> str:
+    """'<= 0.5: NOT met' for a ratio the issue sets a goal for, '' for the others."""
+    goal = GOALS.get(name)
+    return "" if goal is None or value is None else f"<= {goal}: {met(value <= goal)}"
+
+
 def format_table(report: dict) -> str:
     c, cfg = report["contenders"], report["config"]
     lines = [f"Fashion-MNIST MLP {'-'.join(map(str, cfg['layer_sizes']))}, {cfg['dtype']}, batch "
@@ -526,14 +536,11 @@ def format_table(report: dict) -> str:
                          f"{r['final_val_accuracy']:8.2%}")
     lines += ["", f"{'ratio (seconds per epoch)':<44} {'value':>8}   goal"]
     for name, value in report["ratios"].items():
-        goal = GOALS.get(name)
-        verdict = "" if goal is None or value is None else \
-            f"<= {goal}: {'met' if value <= goal else 'NOT met'}"
         shown = "n/a" if value is None else f"{value:.2f}"
-        lines.append(f"{name:<44} {shown:>8}   {verdict}")
+        lines.append(f"{name:<44} {shown:>8}   {ratio_verdict(name, value)}")
     ev = c["project"]["evaluate_test_ms"]["median"]
     lines += ["", f"fmnist evaluate on 10,000 test images: {ev:.1f} ms (median of 5; goal < "
-                  f"{EVALUATE_GOAL_MS:.0f} ms: {'met' if ev < EVALUATE_GOAL_MS else 'NOT met'})"]
+                  f"{EVALUATE_GOAL_MS:.0f} ms: {met(ev < EVALUATE_GOAL_MS)})"]
     lines += machine_lines(report)
     code = report["code"]
     lines.append(f"measured fmnist.py sha256 {code['fmnist_sha256'][:12]} on commit "
@@ -694,13 +701,11 @@ def format_summary(summary: dict) -> str:
     for name, entry in summary["ratios"].items():
         if all(v is None for v in entry["runs"]):
             continue                                  # a contender skipped in every run
-        goal, mid = GOALS.get(name), entry["median"]
-        verdict = "" if goal is None or mid is None else \
-            f"<= {goal}: {'met' if mid <= goal else 'NOT met'}"
-        lines.append(row(name, entry["runs"], mid, 2, verdict))
+        lines.append(row(name, entry["runs"], entry["median"], 2,
+                         ratio_verdict(name, entry["median"])))
     ev = summary["evaluate_test_ms"]
     lines += ["", row("fmnist evaluate, 10,000 test images (ms)", ev["runs"], ev["median"], 1,
-                      f"< {EVALUATE_GOAL_MS:.0f}: {'met' if ev['median'] < EVALUATE_GOAL_MS else 'NOT met'}")]
+                      f"< {EVALUATE_GOAL_MS:.0f}: {met(ev['median'] < EVALUATE_GOAL_MS)}")]
     other = summary["other_programs_cpu_seconds"]
     lines.append(f"{'CPU-seconds used by other programs':<44}"
                  + "".join("     n/a" if v is None else f"{v:8.1f}" for v in other))
