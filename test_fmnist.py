@@ -3679,6 +3679,13 @@ def test_set():
 # Pictures and report
 # ================================================================================================
 
+def image_mode(path: Path) -> str:
+    """The mode Pillow reads an image file in ("L", "I;16", ...), the file closed again."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.mode
+
+
 def assert_reasonable_png(path: Path) -> None:
     """A real PNG, large enough to read and not a blank canvas."""
     from PIL import Image
@@ -3860,12 +3867,12 @@ def test_a_16_bit_grey_png_reads_as_its_8_bit_twin(test_set, tmp_path):
     for i in (0, 1, 2):
         Image.fromarray(images[i]).save(tmp_path / f"{i}-8.png")
         Image.fromarray(images[i].astype(np.uint16) * 257).save(tmp_path / f"{i}-16.png")
-        assert Image.open(tmp_path / f"{i}-16.png").mode.startswith("I")
+        assert image_mode(tmp_path / f"{i}-16.png").startswith("I")
         eight, sixteen = (fmnist.read_image(tmp_path / f"{i}-{bits}.png") for bits in (8, 16))
         assert np.array_equal(sixteen, eight) and np.array_equal(eight, images[i])
     # a 32-bit integer image of 8-bit values (mode I, as some TIFFs are) is not rescaled
     Image.fromarray(images[0].astype(np.int32)).save(tmp_path / "0-32.tif")
-    assert Image.open(tmp_path / "0-32.tif").mode == "I"
+    assert image_mode(tmp_path / "0-32.tif") == "I"
     assert np.array_equal(fmnist.read_image(tmp_path / "0-32.tif"), images[0])
 
 
@@ -5152,7 +5159,7 @@ def test_a_big_endian_16_bit_tiff_reads_as_its_8_bit_twin(tmp_path):
     from PIL import Image
     pixels = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
     Image.frombytes("I;16B", (28, 28), (pixels.astype(">u2") * 257).tobytes()).save(tmp_path / "b.tif")
-    assert Image.open(tmp_path / "b.tif").mode == "I;16B"
+    assert image_mode(tmp_path / "b.tif") == "I;16B"
     assert np.array_equal(fmnist.read_image(tmp_path / "b.tif"), pixels)
 
 
@@ -5382,3 +5389,46 @@ def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():
     in the median."""
     summary = load_bench_train().rounds_summary([9.0, 1.0, 2.0, 3.0])
     assert summary == {"seconds_per_epoch": 2.0, "rounds": [9.0, 1.0, 2.0, 3.0]}
+
+
+# ================================================================================================
+# The speed of each matrix product (benchmarks/gemm_products.py)
+# ================================================================================================
+
+def test_the_products_timed_are_the_floors_eleven_and_compute_what_their_names_say():
+    """One step of the recipe: four forward products, four weight gradients, and the input
+    gradients of layers 2-4 (none for the images). Each writes the (m, n) result of its name's
+    product, the same bits as `@` on the arrays named."""
+    products = load_benchmark("gemm_products").step_products(128, Config().layer_sizes)
+    names = [p["name"] for p in products]
+    assert sorted(names) == sorted([f"Z{l} = A{l - 1} W{l}" for l in (1, 2, 3, 4)]
+                                   + [f"dW{l} = A{l - 1}^T dZ{l}" for l in (1, 2, 3, 4)]
+                                   + [f"dA{l - 1} = dZ{l} W{l}^T" for l in (2, 3, 4)])
+    for p in products:
+        left, right = p["left"], p["right"]
+        result = np.matmul(left, right, out=p["out"])
+        assert result is p["out"] and result.shape == (left.shape[0], right.shape[1])
+        assert np.array_equal(result, left @ right), p["name"]
+    widths = dict(zip(("Z1", "Z2", "Z3", "Z4"), Config().layer_sizes[1:]))
+    for p in products:
+        if p["name"][:2] in widths:
+            assert p["out"].shape == (128, widths[p["name"][:2]])   # a batch's rows
+
+
+def test_the_products_benchmark_times_both_thread_settings_and_writes_them(tmp_path, capsys):
+    """A short run prints one row per product and the step's total, and its JSON has every
+    product timed on the default threads and on one thread (a child process), with GFLOP/s
+    that are 2 m k n over the seconds."""
+    out = tmp_path / "products.json"
+    assert load_benchmark("gemm_products").main(["--repeats", "2", "--batch", "16",
+                                                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["batch"] == 16
+    for rows in (report["default_threads"], report["one_thread"]):
+        assert len(rows) == 11
+        for row in rows:
+            m, k, n = row["mkn"]
+            assert row["name"] in printed and 16 in (m, k)
+            assert math.isclose(row["gflops"], 2 * m * k * n / row["seconds"] / 1e9)
+    assert "one step" in printed and "one thread" in printed
