@@ -558,6 +558,59 @@ def test_more_functions_return_read_only_arrays(name):
             a[...] = 0
 
 
+def test_predict_logits_of_no_images_and_with_flip_averaging_are_read_only_logits():
+    params, x, _, _ = _setup()                                    # a 4-class float64 network
+    empty = predict_logits(params, x[:0])
+    assert empty.shape == (0, 4) and empty.dtype == x.dtype and not empty.flags.writeable
+    net = init_params((784, 8, 10), 0, "float64")
+    averaged = predict_logits(net, np.random.default_rng(0).normal(size=(3, 784)), flip_average=True)
+    assert averaged.shape == (3, 10) and not averaged.flags.writeable
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_read_image_returns_read_only_pixels(tmp_path, invert):
+    from PIL import Image
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "a.png")
+    assert not fmnist.read_image(tmp_path / "a.png", invert).flags.writeable
+
+
+@pytest.mark.parametrize("missing", ["b1", "b2", "b3"])
+def test_a_network_with_an_array_missing_names_it(missing):
+    """A network short of one array says which, as one with an extra array does."""
+    params, x, _, _ = _setup()
+    short = {k: v for k, v in params.items() if k != missing}
+    with pytest.raises(ValueError, match=rf"names missing or extra: {missing}\)"):
+        fmnist.forward(short, x)
+
+
+@pytest.mark.parametrize("flat", [np.zeros(11), np.zeros(12), np.zeros((10, 1)), np.zeros(9)],
+                         ids=["one number too many", "two too many", "a (10, 1) column",
+                              "one number too few"])
+def test_params_take_a_flat_vector_of_exactly_the_numbers_of_their_shapes(flat):
+    """A Params's arrays are views that together cover its flat 1-D vector exactly: a vector
+    with numbers to spare, or a (10, 1) column that its 1-D views would slice row by row, is
+    refused, not silently taken in part.
+    (F29, F30)"""
+    with pytest.raises(ValueError, match="does not fit shapes"):
+        Params(flat, {"W1": (2, 4), "b1": (2,)})
+
+
+def test_flat_order_is_the_weights_then_each_layer_in_turn():
+    """The documented layout of the flat vector (weights first: Adam's L2 slice is one range)."""
+    assert fmnist.flat_order(["b2", "g1", "W2", "b1", "W1", "g2", "W3", "b3"]) == \
+        ["W1", "W2", "W3", "b1", "g1", "b2", "g2", "b3"]
+
+
+def test_flat_order_counts_layers_as_numbers_beyond_nine():
+    """A state file stores flat vectors in this order, so it is part of the file format: W1, W2,
+    ..., W10, W11, then b1, g1, b2, ..., b11, whatever the number of layers (W10 is not between
+    W1 and W2)."""
+    names = [f"{kind}{l}" for l in range(1, 12) for kind in "Wbg" if not (kind == "g" and l == 11)]
+    assert fmnist.flat_order(names[::-1]) == \
+        [f"W{l}" for l in range(1, 12)] + [f"{kind}{l}" for l in range(1, 12) for kind in "bg"
+                                           if not (kind == "g" and l == 11)]
+
+
 # ================================================================================================
 # Adam
 # ================================================================================================
@@ -759,6 +812,20 @@ def test_adam_on_a_dead_unit_reaches_zero_without_subnormals(dtype, l2):
             w = params.flat                       # the next steps' v, could become subnormal
             assert ((w == 0) | (np.abs(w) >= tiny ** 0.25)).all()
     assert np.abs(params["W1"]).max() < 1e-8      # from ~0.1: shrunk by over 10^7
+
+
+def test_adam_refuses_a_state_that_does_not_match_the_parameters():
+    """Moments of another network (or dtype) must be refused by name, not broadcast or cast."""
+    params = init_params((6, 5, 3), 0)
+    other = adam_init(init_params((6, 4, 3), 0))
+    grads = Params.from_arrays({k: np.zeros_like(a) for k, a in params.items()})
+    with pytest.raises(ValueError, match="Adam state m"):
+        adam_step(params, grads, other)
+    with pytest.raises(ValueError, match="Adam state m"):
+        adam_step(params, grads, adam_init(init_params((6, 5, 3), 0, "float64")))
+    x, y = np.zeros((4, 6), np.float32), np.zeros(4, np.intp)
+    with pytest.raises(ValueError, match="Adam state m"):
+        train_epoch(params, other, x, y, Config(hidden=(5,)))
 
 
 # ================================================================================================
@@ -1289,6 +1356,69 @@ def test_history_records_each_epochs_own_validation_count(raw):
     assert state.best.epoch < state.epoch           # some record was not the best one
 
 
+def reference_epoch(params, state, x, y, config, epoch):
+    """One epoch written as a plain loop of the public pure functions, drawing from the epoch's
+    generator in train_epoch's order (shuffle; per batch: augmentation, then dropout masks);
+    returns new params, new state and (mean loss, accuracy) of the batches as trained on."""
+    rng = np.random.default_rng([config.seed, epoch])
+    steps = -(-len(y) // config.batch_size)
+    losses, correct = [], 0
+    for idx in fmnist.batches(len(y), config.batch_size, rng):
+        xb = fmnist.augment(x[idx], rng, config.flip, config.shift, config.cutout,
+                            config.input_dropout)
+        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
+        logits, cache = forward(params, xb, masks)
+        grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
+        lr = fmnist.learning_rate(config, state.step + 1, steps)
+        params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
+                                  config.eps, config.l2, config.weight_decay)
+        losses.append(cross_entropy(logits, y[idx]) * len(idx))
+        correct += int((logits.argmax(axis=1) == y[idx]).sum())
+    return params, state, (sum(losses) / len(y), correct / len(y))
+
+
+def assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after):
+    """train_epoch and reference_epoch, from the same start, give bit-identical parameters,
+    moments and statistics, and both end at Adam step `steps_after`."""
+    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
+    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
+    assert bits(fast_params) == bits(params)
+    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
+    assert fast_state.step == state.step == steps_after
+    assert stats == reference_stats
+
+
+def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
+    """train_epoch updates its own buffers in place for speed; that must be invisible: the same
+    epoch written as a loop of the pure public functions gives bit-identical parameters, moments
+    and statistics."""
+    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230)
+    splits = _tiny_splits(raw, 230, 10)
+    x, y = splits.x_train, splits.y_train
+    params = init_params(config.layer_sizes, 3)
+    state = adam_init(params)
+    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=5)
+
+
+def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
+    """The same check with augmentation, label smoothing, AdamW and the cosine schedule all on,
+    in an epoch after the first (so the schedule must count Adam steps over the whole run, not
+    within the epoch): per batch, augment then the dropout masks draw from the epoch's generator
+    in that order, backward gets the smoothing, and Adam step t gets learning_rate(config, t,
+    steps) and the weight decay.
+    (The test above is the report's recipe: there augment draws nothing and lr is constant.)
+    The statistics stay the plain cross-entropy of the augmented batch: smoothing is a training
+    target, not the measure reported."""
+    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230, epochs=3,
+                    lr_schedule="cosine", flip=0.5, shift=2, label_smoothing=0.2, cutout=9,
+                    input_dropout=0.2, weight_decay=0.5)
+    splits = _tiny_splits(raw, 230, 10)
+    x, y = splits.x_train, splits.y_train
+    params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
+                                   adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
+    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=10)
+
+
 # ================================================================================================
 # Batch norm: trained over batches, folded into a plain network for prediction
 # ================================================================================================
@@ -1493,6 +1623,12 @@ def test_top_confusions_are_sorted_and_complete(c, n):
         assert all(t == 0 for t in rest)
 
 
+def test_confusion_matrix_counts_uint8_labels_without_overflow_and_no_labels_as_zeros():
+    c = confusion_matrix(np.array([29, 3], np.uint8), np.array([29, 2], np.uint8), 30)
+    assert c[29, 29] == 1 and c[3, 2] == 1 and c.sum() == 2
+    np.testing.assert_array_equal(confusion_matrix([], []), np.zeros((10, 10), int))
+
+
 # ================================================================================================
 # The split
 # ================================================================================================
@@ -1551,6 +1687,18 @@ def test_make_splits_gives_every_split_in_the_configs_dtype(dtype):
         assert x.dtype == np.dtype(dtype)
     assert np.array_equal(s.x_test, normalise(raw.test_images, dtype))
     assert {y.dtype for y in (s.y_train, s.y_val, s.y_test)} == {np.dtype(np.intp)}
+
+
+def test_the_reports_split_is_the_one_every_earlier_run_was_made_with():
+    """split_seed 42 must keep naming the same 10,000 validation images: a checkpoint stores only
+    the seed, so a different permutation (another generator, or a NumPy release that changes
+    Generator.permutation) would evaluate old runs' "validation" on images they trained on.
+    Pinned: the first indices and the SHA-256 of the validation indices as int64."""
+    train, val = split_indices(60_000, 10_000, 42)
+    assert train[:5].tolist() == [3493, 57546, 8815, 19332, 15566]
+    assert val[:5].tolist() == [40982, 39928, 27078, 2387, 4249]
+    assert hashlib.sha256(np.asarray(val, np.int64).tobytes()).hexdigest() == \
+        "c0d2647f131076b2a905942959769ece5d1ff9f0d165275792cc2bdee0c7c7ea"
 
 
 # ================================================================================================
@@ -1615,6 +1763,7 @@ def test_readme_example_runs_as_written(monkeypatch, capsys):
     stats, printed = namespace["stats"], capsys.readouterr().out.split()
     assert isinstance(stats, fmnist.EpochStats) and stats.accuracy > 0.7
     assert float(printed[-1]) > 0.8                  # the printed validation accuracy
+
 
 # ================================================================================================
 # The loader
@@ -1773,6 +1922,41 @@ def test_load_test_set_checks_the_checksums_too(tmp_path, name):
         fmnist.load_test_set(tmp_path)
 
 
+@pytest.mark.parametrize("rows, cols", [(28, 27), (27, 28), (1, 784), (784, 1)], ids=str)
+def test_images_of_any_other_shape_than_28x28_are_refused(rows, cols):
+    """Both sides of an image are checked, not only the first: a 28x27 file would otherwise load
+    as images of another shape, to fail later as a reshape deep in normalise."""
+    data = idx_bytes(2051, [2, rows, cols], bytes(2 * rows * cols))
+    with pytest.raises(DataError, match=f"the-name: images are {rows}x{cols}, expected 28x28"):
+        parse_idx(io.BytesIO(data), "the-name")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_a_header_claiming_more_image_bytes_than_any_file_is_refused_before_allocating(tmp_path, gz):
+    """The bound is on the bytes a header claims, not on its item count: 100,000 images are
+    78 MB, more than MAX_IDX_BYTES though far fewer than MAX_IDX_BYTES items. They are refused
+    from the header, without reserving the 78 MB."""
+    data = idx_bytes(2051, [100_000, 28, 28], bytes(784))
+    path = io_path(tmp_path / ("f.gz" if gz else "f"), gzip.compress(data) if gz else data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"header claims 100,000 items \(78,400,000 bytes\)"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
+@pytest.mark.parametrize("kind", ["missing", "a directory"])
+def test_read_idx_of_a_path_it_cannot_open_is_a_data_error_naming_it(tmp_path, kind):
+    """read_idx's failures are DataErrors (what load_fashion_mnist's callers catch), also when
+    the file cannot even be opened, not an OSError from open()."""
+    path = tmp_path / "absent" if kind == "missing" else tmp_path
+    with pytest.raises(DataError, match=re.escape(f"{path}: cannot be opened")):
+        read_idx(path)
+
+
 # ================================================================================================
 # Checkpoints
 # ================================================================================================
@@ -1823,6 +2007,24 @@ def test_checkpoint_that_does_not_fit_its_config_names_both_shapes(tmp_path):
     assert "(784, 8)" in str(err.value) and "(784, 16)" in str(err.value) and str(path) in str(err.value)
 
 
+def test_save_checkpoint_writes_only_what_load_checkpoint_accepts(tmp_path):
+    """A checkpoint that cannot be loaded back is worse than an error when saving: an unfolded
+    batch-norm network, parameters of another dtype than the config's, or NaN weights are
+    refused by save_checkpoint itself, and nothing is written."""
+    config = Config(hidden=(8,))
+    params = init_params((784, 8, 10), 0)
+    with_nan = Params.from_arrays({k: np.full_like(a, np.nan) if k == "b1" else a
+                                   for k, a in params.items()})
+    for bad, words in ((init_params((784, 8, 10), 0, "float64"), "W1 is float64"),
+                       (with_nan, "b1 is float32 with non-finite values"),
+                       (init_params((784, 8, 10), 0, batch_norm=True), "fold batch norm first")):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            fmnist.save_checkpoint(tmp_path / "x.npz", bad, config)
+        assert not (tmp_path / "x.npz").exists()
+    fmnist.save_checkpoint(tmp_path / "x.npz", params, config)
+    assert np.array_equal(load_checkpoint(tmp_path / "x.npz")[0].flat, params.flat)
+
+
 # ================================================================================================
 # Shape errors
 # ================================================================================================
@@ -1856,6 +2058,14 @@ def test_labels_of_the_wrong_length_give_a_value_error_naming_both_shapes(call):
     params, x, y = _shape_setup()
     with pytest.raises(ValueError, match=r"\(5,\).*\(4,\)"):
         call(params, x, y[:4])
+
+
+@pytest.mark.parametrize("shape", [(2, 27, 28), (2, 784, 1), (2, 28, 28, 1)], ids=str)
+def test_normalise_refuses_pixels_of_any_other_shape(shape):
+    """Only (N, 28, 28) is images: (2, 784, 1) would otherwise reshape silently to two images,
+    and (2, 27, 28) fail with NumPy's reshape message instead of this one."""
+    with pytest.raises(ValueError, match=re.escape(f"uint8 pixels of shape (N, 28, 28), got uint8 {shape}")):
+        normalise(np.zeros(shape, np.uint8))
 
 
 # ================================================================================================
@@ -2096,69 +2306,6 @@ def test_cli_recipe_best_trains_with_the_recipe_under_the_explicit_flags(best_ru
         (best_run / "report.md").read_text()
 
 
-@given(seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=4),
-       scale=st.sampled_from([1.0, 1e3, 1e30]))
-def test_an_ensemble_predicts_the_mean_of_its_members_distributions(seeds, scale):
-    """ensemble_logits are log-probabilities whose softmax is the members' mean distribution, even
-    for members so confident that their probabilities underflow in float32 (scale 1e30: logits
-    of 1e30), and an ensemble of one network is that network's log_softmax."""
-    x = np.random.default_rng(seeds[0]).normal(size=(7, 784)).astype(np.float32)   # (7, 784)
-    models = []
-    for seed in seeds:
-        arrays = {k: np.array(a) for k, a in init_params((784, 8, 10), seed).items()}
-        arrays["W2"] *= np.float32(scale)
-        models.append(Params.from_arrays(arrays))
-    z = fmnist.ensemble_logits(models, x)                                           # (7, 10)
-    assert np.isfinite(z).all()
-    members = [fmnist.softmax(predict_logits(p, x).astype(np.float64)) for p in models]
-    np.testing.assert_allclose(np.exp(z.astype(np.float64)), np.mean(members, axis=0), atol=1e-6)
-    if len(models) == 1:
-        np.testing.assert_allclose(z, fmnist.log_softmax(predict_logits(models[0], x)), atol=1e-6)
-
-
-def test_evaluate_scores_an_ensemble_by_its_mean_prediction(raw):
-    """evaluate([a, b]) predicts argmax of the mean of a's and b's distributions; an ensemble of
-    one network, or of a network with itself, scores exactly as the network; an empty ensemble
-    is refused."""
-    splits = make_splits(raw, Config(limit=100))
-    x, y = splits.x_val[:500], splits.y_val[:500]
-    a, b = (init_params((784, 32, 10), seed) for seed in (1, 2))
-    mean = (fmnist.softmax(predict_logits(a, x).astype(np.float64))
-            + fmnist.softmax(predict_logits(b, x).astype(np.float64))) / 2
-    assert np.array_equal(evaluate([a, b], x, y).predictions, mean.argmax(axis=1))
-    single = evaluate(a, x, y)
-    for ensemble in ([a], [a, a]):
-        ev = evaluate(ensemble, x, y)
-        assert ev.correct == single.correct
-        assert ev.loss == pytest.approx(single.loss, rel=1e-5)
-    with pytest.raises(ValueError, match="at least one network"):
-        evaluate([], x, y)
-
-
-def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, tmp_path, capsys):
-    """`evaluate A B` names both and scores their ensemble: a checkpoint with a copy of itself
-    scores as the checkpoint alone (the same file twice is refused, see load_members). Members
-    trained on another split, or predicting with and without mirror averaging, cannot form an
-    ensemble (the result would depend on their order)."""
-    ckpt = str(best_run / "best.npz")
-    copy = str(shutil.copy(ckpt, tmp_path / "copy.npz"))
-    metrics = json.loads((best_run / "metrics.json").read_text())
-    assert fmnist.main(["evaluate", ckpt, copy]) == 0
-    out = capsys.readouterr().out
-    assert f"checkpoint {ckpt}:" in out and f"checkpoint {copy}:" in out and "ensemble of 2" in out
-    assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
-                     out)
-    params, config, _ = load_checkpoint(ckpt)
-    other = tmp_path / "other.npz"
-    fmnist.save_checkpoint(other, params, dataclasses.replace(config, split_seed=7))
-    proc = run_cli("evaluate", ckpt, other)
-    assert proc.returncode == 1
-    assert "split_seed differ" in proc.stderr and str(other) in proc.stderr
-    fmnist.save_checkpoint(other, params, dataclasses.replace(config, flip_average=False))
-    proc = run_cli("evaluate", ckpt, other)
-    assert proc.returncode == 1 and "flip_average differ" in proc.stderr
-
-
 def train_config(*argv) -> Config:
     """The Config that `fmnist.py train ARGV` would train, parsed as main parses it."""
     return fmnist.config_from_args(fmnist.parse_args(fmnist.build_parser(), ["train", *map(str, argv)]))
@@ -2273,6 +2420,11 @@ def test_a_run_reports_the_best_epoch_and_its_figures_consistently(raw, tmp_path
     for t in metrics["top_confusions"]:
         a, b = fmnist.CLASS_NAMES.index(t["a"]), fmnist.CLASS_NAMES.index(t["b"])
         assert (t["a_as_b"], t["b_as_a"]) == (c[a, b], c[b, a])
+
+
+def test_a_run_on_one_image_says_image(tmp_path, capsys):
+    assert fmnist.main(["train", *TINY_RUN, "--limit", "1", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("training 784-8-10 on 1 image (10,000 validation)")
 
 
 # ================================================================================================
@@ -2420,6 +2572,151 @@ def test_cli_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     for key in ("params", "m", "v", "best_params"):
         assert a[key].tobytes() == b[key].tobytes()
     assert run_cli("train", "--resume", out).returncode != 0       # finished: nothing to resume
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dtype="float64", average=0.5),
+                                     dict(dtype="float64", batch_norm=True)])
+def test_every_state_fit_yields_round_trips_through_save_state_exactly(raw, tmp_path, options):
+    """save_state then load_state gives back the very TrainState, every field (params, moments,
+    step, epoch, best, best_params, model), for each kind of run, float64 ones included."""
+    config = Config(hidden=(16,), epochs=4, limit=300, **options)
+    splits = _tiny_splits(raw, 300, 200, noisy_val=True, dtype=config.dtype)
+    history = []
+    for state, record in fit(splits, config):
+        history.append(record)
+        fmnist.save_state(tmp_path / "state.npz", state, config, history)
+        loaded, loaded_config, loaded_history = fmnist.load_state(tmp_path / "state.npz")
+        assert (loaded_config, loaded_history) == (config, history)
+        assert (loaded.epoch, loaded.best, loaded.opt_state.step) == (state.epoch, state.best,
+                                                                      state.opt_state.step)
+        for name in ("params", "best_params", "model"):
+            assert bits(getattr(loaded, name)) == bits(getattr(state, name)), name
+        assert bits(loaded.opt_state.m) == bits(state.opt_state.m)
+        assert bits(loaded.opt_state.v) == bits(state.opt_state.v)
+
+
+def test_resume_refuses_a_config_json_that_is_not_the_states(tmp_path, capsys):
+    """The report a resumed run ends with reads config.json: one that disagrees with state.npz
+    is found before training, not after the last epoch."""
+    config = Config(hidden=(4,), limit=100)
+    fmnist.save_state(tmp_path / "state.npz", fmnist.initial_state(config), config, [])
+    (tmp_path / "config.json").write_text(json.dumps(Config(hidden=(5,), limit=100).to_json()))
+    assert fmnist.main(["train", "--resume", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"fmnist: error: {tmp_path / 'config.json'}: does not match "
+                                       f"the settings in state.npz; the run's files are not from "
+                                       f"one run\n")
+
+
+def test_a_training_state_with_counters_that_do_not_fit_together_is_refused(tmp_path):
+    """step, epoch, best and history come back only if they make sense together: a best epoch
+    with more correct answers than validation images, a best epoch after the last one, a negative
+    step or a history shorter than the epochs would each corrupt the resumed run quietly."""
+    config = Config(hidden=(8,), limit=100, epochs=2)
+    splits = make_splits(load_fashion_mnist(DATA), config)
+    state, record = next(iter(fit(splits, config)))
+    good = tmp_path / "state.npz"
+    fmnist.save_state(good, state, config, [record])
+    fmnist.load_state(good)
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    for key, value in (("best", [1, 1_000_000, 0]), ("best", [2, 10, 0]), ("step", -1),
+                       ("step", "7"), ("history", [])):
+        bad = tmp_path / f"bad-{key}.npz"
+        np.savez(bad, **arrays | {"meta": np.array(json.dumps(meta | {key: value}))})
+        with pytest.raises(CheckpointError, match="incomplete training state"):
+            fmnist.load_state(bad)
+
+
+def test_save_state_writes_only_what_load_state_accepts(raw, tmp_path):
+    """save_state runs load_state's checks before writing, so a state file that exists can be
+    resumed. A batch-norm state before its first epoch has no folded network yet (its model is
+    the unfolded parameters); a state with counters that do not fit together or a NaN in Adam's
+    moments is as unusable. Each is refused with load_state's words and nothing is written; the
+    same state after one epoch is written and read back."""
+    config = Config(hidden=(8,), limit=100, epochs=2, batch_norm=True)
+    fresh = fmnist.initial_state(config)
+    nan_m = fresh.opt_state.m.flat.copy()
+    nan_m[0] = np.nan
+    state, record = next(fit(_tiny_splits(raw, 100, 50), config))
+    nan_state = state._replace(opt_state=state.opt_state._replace(m=Params(nan_m, state.params.shapes)))
+    path = tmp_path / "state.npz"
+    for bad, history, words in ((fresh, [], "save_state: best_params has shape"),
+                                (state, [], "save_state: incomplete training state"),
+                                (nan_state, [record], "save_state: m holds NaN")):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            fmnist.save_state(path, bad, config, history)
+        assert not path.exists()
+    fmnist.save_state(path, state, config, [record])
+    loaded, _, loaded_history = fmnist.load_state(path)
+    assert bits(loaded.model) == bits(state.model) and loaded_history == [record]
+
+
+# ================================================================================================
+# Ensembles: members trained as runs, scored by their mean prediction
+# ================================================================================================
+
+@given(seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=4),
+       scale=st.sampled_from([1.0, 1e3, 1e30]))
+def test_an_ensemble_predicts_the_mean_of_its_members_distributions(seeds, scale):
+    """ensemble_logits are log-probabilities whose softmax is the members' mean distribution, even
+    for members so confident that their probabilities underflow in float32 (scale 1e30: logits
+    of 1e30), and an ensemble of one network is that network's log_softmax."""
+    x = np.random.default_rng(seeds[0]).normal(size=(7, 784)).astype(np.float32)   # (7, 784)
+    models = []
+    for seed in seeds:
+        arrays = {k: np.array(a) for k, a in init_params((784, 8, 10), seed).items()}
+        arrays["W2"] *= np.float32(scale)
+        models.append(Params.from_arrays(arrays))
+    z = fmnist.ensemble_logits(models, x)                                           # (7, 10)
+    assert np.isfinite(z).all()
+    members = [fmnist.softmax(predict_logits(p, x).astype(np.float64)) for p in models]
+    np.testing.assert_allclose(np.exp(z.astype(np.float64)), np.mean(members, axis=0), atol=1e-6)
+    if len(models) == 1:
+        np.testing.assert_allclose(z, fmnist.log_softmax(predict_logits(models[0], x)), atol=1e-6)
+
+
+def test_evaluate_scores_an_ensemble_by_its_mean_prediction(raw):
+    """evaluate([a, b]) predicts argmax of the mean of a's and b's distributions; an ensemble of
+    one network, or of a network with itself, scores exactly as the network; an empty ensemble
+    is refused."""
+    splits = make_splits(raw, Config(limit=100))
+    x, y = splits.x_val[:500], splits.y_val[:500]
+    a, b = (init_params((784, 32, 10), seed) for seed in (1, 2))
+    mean = (fmnist.softmax(predict_logits(a, x).astype(np.float64))
+            + fmnist.softmax(predict_logits(b, x).astype(np.float64))) / 2
+    assert np.array_equal(evaluate([a, b], x, y).predictions, mean.argmax(axis=1))
+    single = evaluate(a, x, y)
+    for ensemble in ([a], [a, a]):
+        ev = evaluate(ensemble, x, y)
+        assert ev.correct == single.correct
+        assert ev.loss == pytest.approx(single.loss, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one network"):
+        evaluate([], x, y)
+
+
+def test_cli_evaluate_with_several_checkpoints_evaluates_the_ensemble(best_run, tmp_path, capsys):
+    """`evaluate A B` names both and scores their ensemble: a checkpoint with a copy of itself
+    scores as the checkpoint alone (the same file twice is refused, see load_members). Members
+    trained on another split, or predicting with and without mirror averaging, cannot form an
+    ensemble (the result would depend on their order)."""
+    ckpt = str(best_run / "best.npz")
+    copy = str(shutil.copy(ckpt, tmp_path / "copy.npz"))
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    assert fmnist.main(["evaluate", ckpt, copy]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpt}:" in out and f"checkpoint {copy}:" in out and "ensemble of 2" in out
+    assert re.search(rf"test:\s+loss {metrics['test_loss']:.4f}\s+accuracy {metrics['test_accuracy']:.2%}",
+                     out)
+    params, config, _ = load_checkpoint(ckpt)
+    other = tmp_path / "other.npz"
+    fmnist.save_checkpoint(other, params, dataclasses.replace(config, split_seed=7))
+    proc = run_cli("evaluate", ckpt, other)
+    assert proc.returncode == 1
+    assert "split_seed differ" in proc.stderr and str(other) in proc.stderr
+    fmnist.save_checkpoint(other, params, dataclasses.replace(config, flip_average=False))
+    proc = run_cli("evaluate", ckpt, other)
+    assert proc.returncode == 1 and "flip_average differ" in proc.stderr
 
 
 ENSEMBLE_TINY = ("--recipe", "best", "--limit", 1000, "--epochs", 2, "--hidden", 16, "--quiet")
@@ -2580,88 +2877,66 @@ def test_cli_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["test_loss"] == straight["test_loss"]
 
 
-def reference_epoch(params, state, x, y, config, epoch):
-    """One epoch written as a plain loop of the public pure functions, drawing from the epoch's
-    generator in train_epoch's order (shuffle; per batch: augmentation, then dropout masks);
-    returns new params, new state and (mean loss, accuracy) of the batches as trained on."""
-    rng = np.random.default_rng([config.seed, epoch])
-    steps = -(-len(y) // config.batch_size)
-    losses, correct = [], 0
-    for idx in fmnist.batches(len(y), config.batch_size, rng):
-        xb = fmnist.augment(x[idx], rng, config.flip, config.shift, config.cutout,
-                            config.input_dropout)
-        masks = dropout_masks(rng, len(idx), config.hidden, config.dropout)
-        logits, cache = forward(params, xb, masks)
-        grads = backward(params, cache, y[idx], smoothing=config.label_smoothing)
-        lr = fmnist.learning_rate(config, state.step + 1, steps)
-        params, state = adam_step(params, grads, state, lr, config.beta1, config.beta2,
-                                  config.eps, config.l2, config.weight_decay)
-        losses.append(cross_entropy(logits, y[idx]) * len(idx))
-        correct += int((logits.argmax(axis=1) == y[idx]).sum())
-    return params, state, (sum(losses) / len(y), correct / len(y))
+def test_an_ensemble_refuses_a_member_given_twice_under_any_name(tmp_path):
+    """Scoring a network beside itself would report that network as an 'ensemble of 2'."""
+    first = small_checkpoint(tmp_path / "best.npz")
+    (tmp_path / "sub").mkdir()
+    again = tmp_path / "sub" / ".." / "best.npz"
+    other = shutil.copy(first, tmp_path / "copy.npz")     # a copy is another file: accepted
+    assert len(fmnist.load_members([first, other])) == 2
+    for paths, also in (([first, first], ""), ([first, other, again], f" (as {first} too)")):
+        with pytest.raises(CheckpointError) as refused:
+            fmnist.load_members(paths)
+        assert str(refused.value) == (f"{paths[-1]}: given twice{also}; an ensemble takes each "
+                                      f"member once")
 
 
-def assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after):
-    """train_epoch and reference_epoch, from the same start, give bit-identical parameters,
-    moments and statistics, and both end at Adam step `steps_after`."""
-    fast_params, fast_state, stats = train_epoch(params, state, x, y, config, epoch=2)
-    params, state, reference_stats = reference_epoch(params, state, x, y, config, epoch=2)
-    assert bits(fast_params) == bits(params)
-    assert bits(fast_state.m) == bits(state.m) and bits(fast_state.v) == bits(state.v)
-    assert fast_state.step == state.step == steps_after
-    assert stats == reference_stats
+def test_an_ensemble_members_lines_carry_its_name_and_blank_ones_no_trailing_space():
+    stream = io.StringIO()
+    fmnist._Prefixed(stream, "[best-bn] ").write("epoch 1\n\nbest epoch: 1\n")
+    assert stream.getvalue() == "[best-bn] epoch 1\n[best-bn]\n[best-bn] best epoch: 1\n"
 
 
-def test_train_epoch_is_forward_backward_adam_step_bit_for_bit(raw):
-    """train_epoch updates its own buffers in place for speed; that must be invisible: the same
-    epoch written as a loop of the pure public functions gives bit-identical parameters, moments
-    and statistics."""
-    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230)
-    splits = _tiny_splits(raw, 230, 10)
-    x, y = splits.x_train, splits.y_train
-    params = init_params(config.layer_sizes, 3)
-    state = adam_init(params)
-    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=5)
+def test_an_ensemble_trains_as_many_members_at_once_as_it_may_use_cores(monkeypatch):
+    """--jobs' default counts the cores this process may run on, not those the machine has."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert fmnist.usable_cpus() == 1
 
 
-def test_train_epoch_with_every_training_option_is_the_public_functions_bit_for_bit(raw):
-    """The same check with augmentation, label smoothing, AdamW and the cosine schedule all on,
-    in an epoch after the first (so the schedule must count Adam steps over the whole run, not
-    within the epoch): per batch, augment then the dropout masks draw from the epoch's generator
-    in that order, backward gets the smoothing, and Adam step t gets learning_rate(config, t,
-    steps) and the weight decay.
-    (The test above is the report's recipe: there augment draws nothing and lr is constant.)
-    The statistics stay the plain cross-entropy of the augmented batch: smoothing is a training
-    target, not the measure reported."""
-    config = Config(hidden=(16, 8), batch_size=50, l2=1e-3, limit=230, epochs=3,
-                    lr_schedule="cosine", flip=0.5, shift=2, label_smoothing=0.2, cutout=9,
-                    input_dropout=0.2, weight_decay=0.5)
-    splits = _tiny_splits(raw, 230, 10)
-    x, y = splits.x_train, splits.y_train
-    params, state, _ = train_epoch(init_params(config.layer_sizes, 3),
-                                   adam_init(init_params(config.layer_sizes, 3)), x, y, config, 1)
-    assert_epoch_2_matches_the_reference(params, state, x, y, config, steps_after=10)
+def test_cli_force_turns_an_ensembles_folder_into_a_runs_and_back(tmp_path):
+    """--force over a folder of the other kind leaves nothing of the old kind that a later
+    --resume, evaluate or predict would pick up: a run written over an ensemble removes its
+    ensemble.json, an ensemble written over a run removes the run's best.npz and state."""
+    out = tmp_path / "x"
+    tiny_ensemble = ("--recipe", "best", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet")
+    assert run_cli("train", *tiny_ensemble, "--out", out).returncode == 0
+    proc = run_cli("train", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet", "--out", out,
+                   "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "ensemble.json").exists() and fmnist._checkpoints_in(out) == [out / "best.npz"]
+    proc = run_cli("train", *tiny_ensemble, "--out", out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "best.npz").exists() and not (out / "state.npz").exists()
+    assert fmnist._checkpoints_in(out) == [out / n / "best.npz" for n in fmnist.ENSEMBLES["best"]]
 
 
-@pytest.mark.parametrize("options", [dict(), dict(dtype="float64", average=0.5),
-                                     dict(dtype="float64", batch_norm=True)])
-def test_every_state_fit_yields_round_trips_through_save_state_exactly(raw, tmp_path, options):
-    """save_state then load_state gives back the very TrainState, every field (params, moments,
-    step, epoch, best, best_params, model), for each kind of run, float64 ones included."""
-    config = Config(hidden=(16,), epochs=4, limit=300, **options)
-    splits = _tiny_splits(raw, 300, 200, noisy_val=True, dtype=config.dtype)
-    history = []
-    for state, record in fit(splits, config):
-        history.append(record)
-        fmnist.save_state(tmp_path / "state.npz", state, config, history)
-        loaded, loaded_config, loaded_history = fmnist.load_state(tmp_path / "state.npz")
-        assert (loaded_config, loaded_history) == (config, history)
-        assert (loaded.epoch, loaded.best, loaded.opt_state.step) == (state.epoch, state.best,
-                                                                      state.opt_state.step)
-        for name in ("params", "best_params", "model"):
-            assert bits(getattr(loaded, name)) == bits(getattr(state, name)), name
-        assert bits(loaded.opt_state.m) == bits(state.opt_state.m)
-        assert bits(loaded.opt_state.v) == bits(state.opt_state.v)
+def test_cli_ensemble_refuses_a_member_folder_that_holds_another_run(tmp_path):
+    """A folder named like a member but holding some other run is refused before ensemble.json
+    is written, and on --resume when its settings are not the member's: the ensemble would
+    otherwise count a stranger's network as its member."""
+    out = tmp_path / "ens"
+    stranger = ("--limit", 300, "--epochs", 1, "--hidden", 8, "--quiet")
+    assert run_cli("train", *stranger, "--out", out / "best-bn").returncode == 0
+    line = one_line_error(run_cli("train", "--recipe", "best", "--limit", 300, "--epochs", 1,
+                                  "--hidden", 8, "--out", out), stdout=None)
+    assert f"{out / 'best-bn'}: already holds a finished run" in line, line
+    assert not (out / "ensemble.json").exists()
+    members = {name: fmnist.RECIPES[name] for name in fmnist.ENSEMBLES["best"]}
+    fmnist.write_json(out / "ensemble.json", {"recipe": "best", "members": {
+        name: c.to_json() for name, c in members.items()}})
+    line = one_line_error(run_cli("train", "--resume", out), stdout=None)
+    assert "holds a run with other settings than ensemble.json's best-bn" in line, line
 
 
 # ================================================================================================
@@ -2905,6 +3180,44 @@ def test_missing_file_message_suggests_a_command_that_exists(tmp_path, capsys):
         assert code == 0, f"`{command}` is not a command: {capsys.readouterr().err}"
 
 
+def test_the_missing_file_message_suggests_downloading_into_the_folder_searched(tmp_path):
+    """The command the message suggests, parsed as main parses it, downloads into the very
+    folder the loader searched (quoted: here its name has a space), not into ./data."""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(folder)
+    command = shlex.split(re.search(r"run `([^`]*)`", str(err.value)).group(1))
+    args = fmnist.parse_args(fmnist.build_parser(), command[command.index("download"):])
+    assert args.command == "download" and Path(args.data_dir) == folder
+
+
+@pytest.mark.parametrize("in_place_of", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+def test_a_labels_or_images_file_in_the_other_ones_place_is_refused_unverified(tmp_path, in_place_of):
+    """Without checksums (verify=False), a labels file where the images belong (or an images
+    file where the labels belong) has as many entries as its partner, so only the dimensions
+    tell: it is refused, not returned as 1-D "images" or 3-D "labels"."""
+    d = _synthetic_data_dir(tmp_path)
+    other = {"train-images-idx3-ubyte": "train-labels-idx1-ubyte",
+             "train-labels-idx1-ubyte": "train-images-idx3-ubyte"}[in_place_of]
+    shutil.copy(d / other, d / in_place_of)
+    with pytest.raises(DataError, match="swapped"):
+        load_fashion_mnist(d, verify=False)
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_counts_that_disagree_are_refused_in_either_pair_of_files(tmp_path, split):
+    """The test images and labels must pair up as the training ones must (verify=False: nothing
+    else would notice): 3 images with 2 labels is a DataError naming both files."""
+    d = _synthetic_data_dir(tmp_path, n_train_images=5, n_train_labels=5, n_test=3)
+    (d / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(2049, [2], [1, 2]))
+    if split == "train":
+        (d / "train-images-idx3-ubyte").write_bytes(idx_bytes(2051, [3, 28, 28], bytes(3 * 784)))
+    with pytest.raises(DataError, match=rf"{split}-images-idx3-ubyte and .*{split}-labels-idx1-ubyte "
+                                        rf"disagree: 3 images but 2 labels"):
+        load_fashion_mnist(d, verify=False)
+
+
 # ================================================================================================
 # The IDX parser under fuzzing: a valid array or a DataError, in bounded time and memory
 # ================================================================================================
@@ -3115,6 +3428,26 @@ def test_metadata_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypa
         load_checkpoint(path)
 
 
+def test_a_checkpoint_whose_arrays_would_unpack_far_beyond_its_network_is_refused_unread(tmp_path):
+    """The sizes the zip declares are checked against what the stored config can hold before
+    anything is decompressed: a 76 KB file that would unpack into 50 MB of zeros beside a
+    784-8-10 network (6,370 parameters) is refused, never loaded."""
+    params = init_params((784, 8, 10), 0)
+    good = tmp_path / "good.npz"
+    fmnist.save_checkpoint(good, params, Config(hidden=(8,)))
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, **arrays, extra=np.zeros(50 * 2**20, np.uint8))
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="refused: its arrays take 52,4"):
+        load_checkpoint(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20, peak
+
+
 # ================================================================================================
 # Atomic writes: SIGKILL at any moment leaves the last complete checkpoint loadable
 # ================================================================================================
@@ -3234,6 +3567,15 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert (failed.value.errno, failed.value.filename) == (28, str(path))
 
 
+def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path):
+    """atomic_write writes through a hidden temporary file; when even that cannot be created,
+    the error names the file the caller wanted."""
+    target = tmp_path / "missing" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as failed:
+        fmnist.write_json(target, {"a": 1})
+    assert failed.value.filename == str(target) and ".tmp" not in str(failed.value)
+
+
 # ================================================================================================
 # Run directories: --force, and the directory a failed run leaves
 # ================================================================================================
@@ -3283,6 +3625,249 @@ def test_cli_train_out_that_is_a_file_is_one_line(tmp_path):
     proc = run_cli_opts("train", "--limit", 100, "--epochs", 1, "--out", target)
     assert_one_line_error(proc, target, r"not a (folder|directory)|exists|is a file")
     assert target.read_text() == "keep me\n"
+
+
+def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
+    """Any file a run would write (here a lone best.npz) makes `train --out` refuse without
+    --force, and the file stays as it was: nothing already there is overwritten by accident."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.npz").write_bytes(b"precious")
+    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--out", out)
+    assert proc.returncode != 0 and "best.npz" in proc.stderr and "--force" in proc.stderr
+    assert (out / "best.npz").read_bytes() == b"precious"
+
+
+TINY_RUN = ("--limit", "300", "--epochs", "1", "--hidden", "8", "--quiet")
+
+
+def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under folder, by relative path: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["run", "ensemble"])
+@pytest.mark.parametrize("holds, words", [
+    ({"ensemble.json": "{}"}, "already holds an ensemble; choose another --out, resume it with --resume, or"),
+    ({"ensemble.json": "{}", "metrics.json": "{}"}, "already holds an ensemble; choose another --out, or"),
+    ({"metrics.json": "{}"}, "already holds a finished run; choose another --out, or pass --force"),
+    ({"config.json": '{"my": "settings"}'}, "already holds config.json; choose another --out or pass --force"),
+], ids=["unfinished-ensemble", "finished-ensemble", "finished-run", "foreign-config"])
+def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_write(
+        tmp_path, capsys, kind, holds, words):
+    """Without --force neither a run nor an ensemble overwrites what is in --out: a run or an
+    ensemble (finished, or hours of an unfinished one) or a config.json that is not a run's.
+    Exit 1, one line saying what is there, and every file left as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in holds.items():
+        (out / name).write_text(text)
+    before = files_of(out)
+    argv = ENSEMBLE_TINY_ARGV if kind == "ensemble" else TINY_RUN
+    assert fmnist.main(["train", *argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmnist: error: {out}: {words}") and err.count("\n") == 1, err
+    assert files_of(out) == before
+
+
+@pytest.mark.parametrize("text", ["not json", '{"lr": -1}'])
+def test_a_config_json_that_is_not_a_valid_config_is_protected_too(tmp_path, capsys, text):
+    """A config.json that does not even parse as a config is not a lone config.json of a run
+    stopped early, so it is someone's file: refused like any other without --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(text)
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"fmnist: error: {out}: already holds config.json")
+    assert (out / "config.json").read_text() == text
+
+
+def test_a_run_stopped_before_its_first_epoch_was_saved_is_not_protected(tmp_path):
+    """A run stopped before its first epoch was saved leaves only its config.json: nothing to
+    resume or lose, so the same command runs again without --force (and writes the new
+    settings). Beside a best.npz it is refused: that is what a copied finished model looks like."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(Config(hidden=(4,)).to_json()))
+    (out / "best.npz").write_bytes(b"a model")
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
+    assert (out / "best.npz").read_bytes() == b"a model"
+    (out / "best.npz").unlink()
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 0
+    saved = Config.from_json(json.loads((out / "config.json").read_text()))
+    assert saved.hidden == (8,) and (out / "metrics.json").exists()
+
+
+def test_default_run_directories_started_in_the_same_second_are_distinct(tmp_path, monkeypatch):
+    """Without --out the directory is runs/<timestamp>, claimed by creating it: a second run (or
+    a third) started in the same second gets runs/<timestamp>-2 (-3), never a share of the first."""
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=None)
+    base = Path("runs") / "20260101-000000"
+    made = [fmnist._create_run_dir(base, args) for _ in range(3)]
+    assert made == [base, Path("runs/20260101-000000-2"), Path("runs/20260101-000000-3")]
+    assert all(path.is_dir() for path in made)
+    given = argparse.Namespace(out=base)                 # an explicit --out is used as it is
+    assert fmnist._create_run_dir(base, given) == base
+
+
+def test_runs_started_in_the_same_second_without_out_each_get_a_directory(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Two runs and an ensemble, all started in the same second without --out: each trains in
+    a directory of its own (runs/<timestamp>, -2, -3); none is refused or written over."""
+    data = str(DATA)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "20260101-000000")
+    for argv in (TINY_RUN, TINY_RUN, ENSEMBLE_TINY_ARGV):
+        assert fmnist.main(["train", *argv, "--data-dir", data]) == 0, capsys.readouterr().err
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "20260101-000000", "20260101-000000-2", "20260101-000000-3"]
+    assert all((runs / name / "metrics.json").exists() for name in os.listdir(runs))
+    assert (runs / "20260101-000000-3" / "ensemble.json").exists()
+
+
+def test_a_default_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    """runs/<timestamp> that the file system refuses (here a name too long) is one sentence."""
+    monkeypatch.chdir(tmp_path)
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "x" * 300       # ENAMETOOLONG
+                        if fmt == "%Y%m%d-%H%M%S" else strftime(fmt, *when))
+    assert fmnist.main(["train", *TINY_RUN]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist: error: ") and "cannot create the directory" in err, err
+    assert "choose a directory with --out" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [TINY_RUN, ENSEMBLE_TINY_ARGV], ids=["run", "ensemble"])
+@pytest.mark.parametrize("refused", ["write", "removal"])
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys, flags,
+                                                            refused):
+    """A directory that exists but refuses files (a read-only mount, /sys) gets a sentence
+    naming it and what to do, not an errno and a temporary file's name: a run's, or an
+    ensemble's (whose first file is ensemble.json). On a read-only mount even clearing an
+    earlier run's files fails, files that are not there included (EROFS, not ENOENT)."""
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system", "somewhere")
+    if refused == "write":
+        monkeypatch.setattr(fmnist, "write_json", refuse)
+    else:
+        monkeypatch.setattr(Path, "unlink", refuse)
+    out = tmp_path / "run"
+    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"fmnist: error: {out}: cannot write to the directory "
+                                       f"(Read-only file system); choose another --out\n")
+
+
+# ================================================================================================
+# Runs cut short (no memory, a full disk, Ctrl-C): what is saved, and how to go on
+# ================================================================================================
+
+def test_not_enough_memory_is_one_line_not_a_traceback(capsys):
+    """A batch (or network) far beyond memory ends with `fmnist: error: not enough memory (...)`
+    and NumPy's account of what it could not allocate."""
+    assert fmnist.main(["gradcheck", "--batch", str(10**12)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist: error: not enough memory (Unable to allocate") and err.count("\n") == 1, err
+
+
+def test_an_ensemble_members_memory_error_is_one_line(monkeypatch, capsys):
+    """A member that runs out of memory says so in one line and fails; the ensemble goes on."""
+    def out_of_memory(args, config):
+        raise MemoryError("Unable to allocate 1 TiB")
+    monkeypatch.setattr(fmnist, "run_train", out_of_memory)
+    assert fmnist._train_member("m", None, Config()) == 1
+    err = capsys.readouterr().err
+    assert "not enough memory (Unable to allocate 1 TiB)" in err and "Traceback" not in err
+
+
+def _failing_on_call(monkeypatch, name: str, n: int, error: BaseException) -> None:
+    """Make fmnist.<name> raise `error` on its n-th call (counting from 1), as itself otherwise."""
+    real, calls = getattr(fmnist, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fmnist, name, wrapper)
+
+
+def full_disk(filename: Path | None = None) -> OSError:
+    return OSError(28, "No space left on device", *([str(filename)] if filename else []))
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_full_disk_during_training_says_what_is_saved_and_resumes(tmp_path, monkeypatch,
+                                                                    capsys, epoch):
+    """A disk that fills while epoch e is saved: one message naming the file, and how to go on
+    from epoch e - 1 (whose state.npz, written atomically, is whole); no best.npz without a
+    state.npz beside it. The resumed run ends with the parameters of a run never stopped."""
+    flags = [*TINY_RUN[:3], "2", *TINY_RUN[4:]]                          # two epochs
+    whole = tmp_path / "whole"
+    assert fmnist.main(["train", *flags, "--out", str(whole)]) == 0
+    out = tmp_path / "run"
+    _failing_on_call(monkeypatch, "save_state", epoch, full_disk(out / "state.npz"))
+    capsys.readouterr()
+    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    if epoch == 1:
+        assert err == f"fmnist: error: {out / 'state.npz'}: No space left on device\n"
+        assert not (out / "best.npz").exists()
+        return
+    assert err == (f"fmnist: error: {out / 'state.npz'}: No space left on device; the run is "
+                   f"saved after epoch 1. Resume it with:\n  {fmnist._invocation()} train --resume {out}\n")
+    monkeypatch.undo()
+    assert fmnist.main(["train", "--resume", str(out)]) == 0
+    assert np.array_equal(load_checkpoint(out / "best.npz")[0].flat,
+                          load_checkpoint(whole / "best.npz")[0].flat)
+
+
+@pytest.mark.parametrize("where", ["full_evaluation", "write_run_artifacts"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), full_disk()], ids=["ctrl-c", "full disk"])
+def test_a_run_stopped_after_training_says_how_to_finish_it(tmp_path, monkeypatch, capsys,
+                                                            where, error):
+    """Training done, then Ctrl-C or a full disk: in the final evaluation (no metrics.json yet),
+    `train --resume` finishes the run; while drawing the pictures, `report` draws them. Either
+    command, run as told, leaves the run complete."""
+    out = tmp_path / "run"
+    _failing_on_call(monkeypatch, where, 1, error)
+    code = fmnist.main(["train", *TINY_RUN, "--out", str(out)])
+    assert code == (130 if isinstance(error, KeyboardInterrupt) else 1)
+    err = capsys.readouterr().err
+    fmnist_ = fmnist._invocation()
+    what = ("in the final evaluation; the run is saved after epoch 1. Finish it with:\n"
+            f"  {fmnist_} train --resume {out}\n" if where == "full_evaluation" else
+            f"while drawing the pictures; draw them with:\n  {fmnist_} report {out}\n")
+    assert err == (f"\ninterrupted {what}" if code == 130 else
+                   f"fmnist: error: {out}: No space left on device; stopped {what}"), err
+    monkeypatch.undo()
+    command = ["train", "--resume"] if where == "full_evaluation" else ["report"]
+    assert fmnist.main([*command, str(out)]) == 0
+    assert {"metrics.json", "report.md"} <= set(os.listdir(out))
+
+
+def test_a_run_interrupted_before_its_first_epoch_is_saved_leaves_nothing_half_done(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C after best.npz was first written but before state.npz: that best.npz belongs to
+    no resumable run, so it is removed; a single run then says it was interrupted, an ensemble
+    member leaves the how-to-go-on line to its ensemble."""
+    def interrupted_fit(splits, config, *args, **kwargs):
+        (out / "best.npz").write_bytes(b"x")
+        raise KeyboardInterrupt
+        yield                                                  # (a generator, as fit is)
+    monkeypatch.setattr(fmnist, "fit", interrupted_fit)
+    out = tmp_path / "run"
+    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 130
+    assert not (out / "best.npz").exists()
+    capsys.readouterr()
+    out = tmp_path / "member"
+    args = fmnist.build_parser().parse_args(["train", *TINY_RUN, "--out", str(out)])
+    args.member, args.data_dir = "member", fmnist.default_data_dir()
+    assert fmnist.run_train(args, Config(hidden=(8,), limit=300, epochs=1)) == 130
+    assert capsys.readouterr().err.endswith("interrupted before epoch 1 was saved\n")
+    assert not (out / "best.npz").exists()
 
 
 # ================================================================================================
@@ -3353,6 +3938,17 @@ def test_cli_lr_10_stops_with_a_message(tmp_path):
     proc = run_cli_opts("train", "--lr", 10, "--limit", 2000, "--epochs", 1, "--out", tmp_path / "run")
     assert proc.returncode > 0, proc.stdout[-1000:]
     assert re.search(r"epoch \d+, step \d+.*smaller learning rate", proc.stderr.splitlines()[-1])
+
+
+def test_cli_divergence_found_only_by_the_validation_pass_is_an_error_not_a_nan_result(tmp_path):
+    """An absurd learning rate can leave finite but enormous weights after the last step: the
+    training loss never saw a NaN, but the validation loss is NaN. That must end the run with
+    the divergence message, not write NaN figures (which are not even JSON)."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--lr", "1e20", "--hidden", 16,
+                   "--out", out, "--quiet")
+    assert proc.returncode == 1 and "diverged: the validation loss is nan" in proc.stderr
+    assert not (out / "metrics.json").exists()
 
 
 # ================================================================================================
@@ -3547,6 +4143,154 @@ def test_make_splits_refuses_a_validation_set_as_large_as_the_data():
         make_splits(raw, Config())
 
 
+OUT_OF_RANGE = {"dropout": 1.5, "l2": -1.0, "lr": -0.5, "beta1": 1.5, "beta2": -0.25, "eps": -1.0,
+                "flip": 2.5, "shift": 7, "label_smoothing": 1.25, "average": -0.75, "cutout": 30,
+                "input_dropout": 1.75}
+
+
+@pytest.mark.parametrize("field", OUT_OF_RANGE)
+def test_a_refused_setting_is_named_with_the_value_refused(field):
+    """'learning rate must be > 0 and finite, got -0.5': the value is in the sentence, so a user
+    who set it in a script or a config.json sees which number is wrong. Every setting of
+    _SETTINGS has a row here."""
+    assert set(OUT_OF_RANGE) == set(fmnist._SETTINGS)
+    bad = OUT_OF_RANGE[field]
+    with pytest.raises(ValueError) as err:
+        Config(**{field: bad})
+    assert str(err.value).endswith(f", got {bad}"), str(err.value)
+
+
+@pytest.mark.parametrize("fields", [
+    {"cutout": 28}, {"cutout": 0}, {"hidden": (fmnist.MAX_WIDTH,)}, {"hidden": (1,)},
+    {"limit": fmnist.TRAIN_IMAGES - 10_000}, {"limit": 1}, {"val_size": 1},
+    {"val_size": fmnist.TRAIN_IMAGES - 1}, {"batch_size": 1}, {"seed": 0}, {"patience": 0},
+], ids=str)
+def test_config_accepts_the_ends_of_the_other_ranges(fields):
+    """The refusals stop exactly at the ends their messages name: a cutout as large as the image,
+    a layer of MAX_WIDTH units, a limit of all 50,000 training images are settings, not typos.
+    (C09, C22, C27)"""
+    assert all(getattr(Config(**fields), k) == v for k, v in fields.items())
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+    ({"batch_size": 64.0}, "batch_size must be a whole number"),
+    ({"hidden": (8.9,)}, "hidden must be a list of whole numbers"),
+    ({"batch_norm": "false"}, "batch_norm must be true or false, got 'false'"),
+    ({"lr": "1e-3"}, "lr must be a number"),
+    ({"limit": 1.5}, "limit must be a whole number or none"),
+])
+def test_config_refuses_a_value_of_the_wrong_kind_instead_of_rounding_or_reading_it_as_true(
+        changes, words):
+    """A config read back from a file (or built in Python) with 2.5 epochs, a width of 8.9 or
+    the string "false" for a switch is refused by name: silently training 3 epochs, a width of
+    8, or with batch norm on would be worse than an error."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Config(**changes)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"epochs": True}, "epochs must be a whole number, got True"),
+    ({"batch_size": np.True_}, "batch_size must be a whole number, got True"),
+    ({"batch_norm": 1}, "batch_norm must be true or false, got 1"),
+    ({"flip_average": 0}, "flip_average must be true or false, got 0"),
+    ({"val_size": fmnist.TRAIN_IMAGES}, "val_size must be in [1, 60000), got 60000"),
+], ids=str)
+def test_config_refuses_a_switch_for_a_number_a_number_for_a_switch_and_no_training_images(
+        changes, words):
+    """JSON's true is not 1 epoch and its 1 is not a switch: each is refused by name, as 2.5
+    epochs are. A validation set of all 60,000 images leaves none to train on and is refused
+    when the config is made, not later by the split. (C14, C17, C26)"""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Config(**changes)
+
+
+def test_a_numpy_bool_in_a_config_becomes_a_bool_that_json_can_write(tmp_path):
+    config = Config(batch_norm=np.True_, hidden=(8,), limit=100)
+    assert type(config.batch_norm) is bool
+    save_checkpoint(tmp_path / "c.npz", init_params(config.layer_sizes, 0, batch_norm=False), config)
+    assert load_checkpoint(tmp_path / "c.npz")[1] == config
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", ""], ["train", "--resume", ""],
+                                  ["train", "--data-dir", ""], ["evaluate", ""], ["report", ""],
+                                  ["predict", "", "--test-index", "1"], ["download", "--data-dir", ""]],
+                         ids=" ".join)
+def test_an_empty_path_is_a_usage_error_not_the_current_directory(argv, capsys, tmp_path, monkeypatch):
+    """`--out "$OUT"` with OUT unset must not write a run into the current directory: an empty
+    path is refused (exit 2) before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    assert exit_code_of_main(argv) == 2
+    assert "expected a path, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_image_path_after_an_option_is_a_usage_error(tmp_path, capsys):
+    """predict's images may follow an option; an empty one there is refused like one before it."""
+    code = exit_code_of_main(["predict", str(tmp_path), "a.png", "--invert", ""])
+    assert code == 2 and "an image path is an empty string" in capsys.readouterr().err
+
+
+def test_a_negative_test_index_is_a_usage_error_not_the_last_test_image(capsys):
+    """--test-index -1 would otherwise ask silently about image 9,999 (Python's indexing)."""
+    assert exit_code_of_main(["predict", "ckpt.npz", "--test-index", "-1"]) == 2
+    assert "a test image number is 0 to 9999, got '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate ckpt.npz", "predict ckpt.npz a.png"])
+def test_an_unknown_option_shows_its_commands_usage(command, capsys):
+    """`fmnist train --nope` answers with train's usage and name, as `fmnist train` without a
+    value would, not with the top-level `usage: fmnist [-h] [--version] COMMAND ...`."""
+    name = command.split()[0]
+    assert exit_code_of_main([*command.split(), "--nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: fmnist {name} ") and \
+        err.splitlines()[-1] == f"fmnist {name}: error: unrecognized arguments: --nope", err
+
+
+def test_an_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
+    """`fmnist --nope train`: the option was given to fmnist, not to train."""
+    assert exit_code_of_main(["--nope", "train"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "fmnist: error: unrecognized arguments: --nope"
+
+
+@pytest.mark.parametrize("argv", [["a.png", "--invert", "--bogus"], ["--invert", "a.png", "--bogus"]],
+                         ids=" ".join)
+def test_an_unknown_option_after_predicts_images_is_a_usage_error(argv, capsys):
+    """Image files may follow an option, but an unknown option there is still refused as
+    argparse refuses it elsewhere (exit 2), not taken for an image file named --bogus."""
+    assert exit_code_of_main(["predict", "ckpt.npz", *argv]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "unrecognized arguments: " in last and last.endswith("--bogus"), last
+
+
+def test_predicts_images_after_an_option_are_not_called_unrecognized(capsys):
+    """In `predict ckpt.npz --invert a.png --bogus`, a.png is an image file (they may follow an
+    option) and only --bogus is unknown."""
+    assert exit_code_of_main(["predict", "ckpt.npz", "--invert", "a.png", "--bogus", "b.png"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "fmnist predict: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize("argv", [["--invert", "--", "-a.png"], ["--", "-a.png"],
+                                  ["b.png", "--invert", "--", "-a.png", "--c.png"]], ids=" ".join)
+def test_predicts_images_after_dashes_are_images_even_after_an_option(argv):
+    """After `--`, a name that starts with a dash is an image file, whether or not an option
+    came before (argparse alone handles only the second case)."""
+    args = fmnist.parse_args(fmnist.build_parser(), ["predict", "ckpt.npz", *argv])
+    assert [str(i) for i in args.images] == [a for a in argv if a not in ("--invert", "--")]
+    assert args.invert == ("--invert" in argv)
+
+
+def test_image_files_after_an_option_do_not_leak_into_the_next_parse():
+    """Images given after an option are added to a new list, not to the parser's default one,
+    so a second command parsed by the same program sees only its own images."""
+    parser = fmnist.build_parser()
+    first = fmnist.parse_args(parser, ["predict", "ckpt", "--invert", "a.png"])
+    second = fmnist.parse_args(parser, ["predict", "ckpt", "--test-index", "3"])
+    assert first.images == [Path("a.png")] and second.images == []
+
+
 # ================================================================================================
 # Labels the parameters cannot score
 # ================================================================================================
@@ -3572,6 +4316,22 @@ def test_labels_outside_the_classes_give_a_value_error(call, bad):
     y = np.array([0, 1, 2, 3, bad])
     with pytest.raises(ValueError, match=r"0.{1,4}9"):
         LABEL_CALLS[call](params, x, y)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, x, y: fmnist.evaluate(p, x, y),
+    lambda p, x, y: fmnist.total_loss(p, x, y),
+    lambda p, x, y: fmnist.backward(p, fmnist.forward(p, x)[1], y),
+    lambda p, x, y: fmnist.train_epoch(p, fmnist.adam_init(p), x, y, Config(hidden=(8, 6), batch_size=4,
+                                                                            dtype="float64")),
+], ids=["evaluate", "total_loss", "backward", "train_epoch"])
+def test_float_labels_are_refused_in_a_value_error_even_when_whole(call):
+    """Labels 0.0, 1.0, ... are floats, not classes: refused in words, not by an IndexError from
+    deep inside the loss (or, for evaluate, after a whole forward pass)."""
+    params, x, y, _ = _setup()
+    with pytest.raises(ValueError, match=re.escape("labels must be integers in 0..3, got float64")):
+        call(params, x, y.astype(np.float64))
+
 
 # ================================================================================================
 # predict: a missing, empty, damaged or non-image file, a decompression bomb, no Pillow
@@ -3986,6 +4746,106 @@ def test_predict_needs_an_image_or_a_test_index(run_dir):
     assert proc.returncode == 2 and "--test-index" in one_line_error(proc)
 
 
+def test_the_pixel_limit_admits_an_image_of_exactly_that_many_pixels(tmp_path, monkeypatch):
+    """MAX_IMAGE_PIXELS is the largest image read, not the first refused (here lowered to 28 x 28
+    so that the test stays small)."""
+    from PIL import Image
+    monkeypatch.setattr(fmnist, "MAX_IMAGE_PIXELS", 28 * 28)
+    Image.new("L", (28, 28), 0).save(tmp_path / "limit.png")
+    Image.new("L", (28, 29), 0).save(tmp_path / "over.png")
+    assert fmnist.read_image(tmp_path / "limit.png").shape == (28, 28)
+    with pytest.raises(fmnist.ImageError, match="too large"):
+        fmnist.read_image(tmp_path / "over.png")
+
+
+def test_a_too_large_image_is_refused_in_one_plain_sentence(tmp_path):
+    """The pixel limit's own message, not wrapped again as 'not a readable image (ImageError:
+    ...)' with the path named twice."""
+    path = io_path(tmp_path / "big.png", png_header(10_000, 6_000))
+    with pytest.raises(fmnist.ImageError) as err:
+        fmnist.read_image(path)
+    assert str(err.value) == (f"{path}: 10000 x 6000 pixels is too large (limit 50,000,000 "
+                              f"pixels); shrink it first")
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, suffix):
+    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation; read upright,
+    a tall dress does not become a wide one. Orientation 6: turn the pixels 90 degrees
+    clockwise."""
+    from PIL import Image
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[2:6, 5:30] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / f"photo.{suffix}", exif=exif, quality=100)
+    gray = fmnist.read_image(tmp_path / f"photo.{suffix}")
+    assert gray.shape == (40, 20)
+    assert np.abs(gray.astype(int) - np.rot90(pixels, -1)).max() <= 2
+
+
+def test_a_large_image_is_shrunk_to_the_working_side_keeping_its_shape(tmp_path):
+    """read_image bounds the pixels it hands on: the longer side to WORKING_SIDE, the aspect
+    ratio kept."""
+    from PIL import Image
+    Image.new("L", (2048, 1000), 0).save(tmp_path / "wide.png")
+    assert fmnist.read_image(tmp_path / "wide.png").shape == (500, fmnist.WORKING_SIDE)
+
+
+def test_a_big_endian_16_bit_tiff_reads_as_its_8_bit_twin(tmp_path):
+    """Pillow reads big-endian 16-bit TIFFs as mode I;16B; like I;16 they hold 0-65535 and are
+    scaled to 8 bits, not clipped to 255."""
+    from PIL import Image
+    pixels = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+    Image.frombytes("I;16B", (28, 28), (pixels.astype(">u2") * 257).tobytes()).save(tmp_path / "b.tif")
+    assert image_mode(tmp_path / "b.tif") == "I;16B"
+    assert np.array_equal(fmnist.read_image(tmp_path / "b.tif"), pixels)
+
+
+@given(gray=hnp.arrays(np.uint8, st.tuples(st.integers(2, 9), st.integers(2, 9))))
+def test_the_border_is_the_outermost_ring_of_pixels(gray):
+    """_border holds each pixel of the first and last rows and columns (a corner is in a row and
+    a column, so twice) and nothing else: the background estimate and looks_inverted see the
+    picture's edge, not a row inside it. (P13, P14)"""
+    count = np.zeros(gray.shape, int)
+    count[[0, -1], :] += 1
+    count[:, [0, -1]] += 1
+    expected = np.repeat(gray.ravel(), count.ravel())
+    assert np.array_equal(np.sort(fmnist._border(gray)), np.sort(expected))
+
+
+@pytest.mark.parametrize("light_object", [True, False])
+def test_looks_inverted_goes_by_the_border_not_by_the_object(light_object):
+    """An object filling most of the picture decides nothing: a light coat on a dark border is
+    as stored, a dark coat on a light border looks inverted."""
+    gray = np.full((40, 30), 20 if light_object else 230, np.uint8)
+    gray[3:37, 3:27] = 230 if light_object else 20                        # 80% of the picture
+    assert fmnist.looks_inverted(gray) is (not light_object)
+
+
+def test_an_object_one_pixel_wide_keeps_one_column():
+    """A thin object (a strap, a belt seen edge-on) is scaled to 28 rows and stays one pixel
+    wide, rather than to zero width, which Pillow refuses and predict would call 'no object
+    found'."""
+    gray = np.zeros((120, 60), np.uint8)
+    gray[10:110, 30] = 255
+    out = fmnist.to_fashion_mnist(gray)
+    assert out.shape == (28, 28) and out.any(axis=1).all()
+    assert np.flatnonzero(out.any(axis=0)).tolist() == [14]
+
+
+@given(probs=st.lists(st.sampled_from([0.05, 0.1, 0.2]), min_size=10, max_size=10),
+       k=st.integers(1, 10))
+@example(probs=[0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.2], k=3)
+def test_top_k_lists_equally_probable_classes_in_class_order(probs, k):
+    """Most probable first, and classes of equal probability in class order, so the same
+    probabilities give the same answer on every CPU (NumPy's default sort is not stable: on
+    AVX-512 it lists [0.2, 0.1, 0.1, ..., 0.2] as classes 0, 9, 2)."""
+    p = np.array(probs)
+    expected = sorted(range(10), key=lambda i: (-p[i], i))[:k]
+    assert [t["label"] for t in fmnist.top_k(p, k)] == expected
+
+
 # ================================================================================================
 # Gradient check
 # ================================================================================================
@@ -4304,6 +5164,14 @@ def test_train_help_shows_each_value_once_for_recipes_that_agree():
     assert "(report, best-bn: 0.3; best-single, best-shift: 0.0)" in text
 
 
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Config) if f.type == "bool"])
+def test_help_says_on_for_a_recipe_with_a_switch_on(field):
+    """--help's 'on' and 'off' for a switch are each recipe's own setting (the round-trip test
+    above compares the help with _flag_value, so it cannot tell on from off)."""
+    expected = {recipe: "on" if getattr(c, field) else "off" for recipe, c in fmnist.RECIPES.items()}
+    assert parse_recipe_values(fmnist.recipe_values(field)) == expected
+
+
 @pytest.mark.parametrize("columns", [40, 52, 80, 100, 120])
 @pytest.mark.parametrize("command", ["", "train", "evaluate", "report", "predict", "gradcheck",
                                      "download"])
@@ -4317,6 +5185,16 @@ def test_help_never_splits_a_hyphenated_name_across_lines(command, columns, monk
     assert not re.search(r"[\w-]-\n", out), out
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "report", "predict", "gradcheck", "download"])
+def test_help_shows_no_default_for_a_switch_or_an_absent_value(command, capsys):
+    """'(default: False)' after --force or --invert, or '(default: None)' after --out, says
+    nothing a user can use; _HelpFormatter leaves them out."""
+    assert exit_code_of_main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for absent in ("(default: False)", "(default: None)", "(default: [])"):
+        assert absent not in text, (absent, text)
+
+
 def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
     """Image files are optional (--test-index is the other way to name an image), so the usage
     error names only what is missing: the checkpoint."""
@@ -4325,523 +5203,8 @@ def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
     assert code == 2 and "required: CHECKPOINT" in err and "IMAGE" not in err.splitlines()[-1]
 
 
-def test_image_files_after_an_option_do_not_leak_into_the_next_parse():
-    """Images given after an option are added to a new list, not to the parser's default one,
-    so a second command parsed by the same program sees only its own images."""
-    parser = fmnist.build_parser()
-    first = fmnist.parse_args(parser, ["predict", "ckpt", "--invert", "a.png"])
-    second = fmnist.parse_args(parser, ["predict", "ckpt", "--test-index", "3"])
-    assert first.images == [Path("a.png")] and second.images == []
-
-
-def test_out_folder_with_files_of_a_run_is_not_touched_without_force(tmp_path):
-    """Any file a run would write (here a lone best.npz) makes `train --out` refuse without
-    --force, and the file stays as it was: nothing already there is overwritten by accident."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "best.npz").write_bytes(b"precious")
-    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--out", out)
-    assert proc.returncode != 0 and "best.npz" in proc.stderr and "--force" in proc.stderr
-    assert (out / "best.npz").read_bytes() == b"precious"
-
-
-TINY_RUN = ("--limit", "300", "--epochs", "1", "--hidden", "8", "--quiet")
-
-
-def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under folder, by relative path: its bytes and modification time."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("kind", ["run", "ensemble"])
-@pytest.mark.parametrize("holds, words", [
-    ({"ensemble.json": "{}"}, "already holds an ensemble; choose another --out, resume it with --resume, or"),
-    ({"ensemble.json": "{}", "metrics.json": "{}"}, "already holds an ensemble; choose another --out, or"),
-    ({"metrics.json": "{}"}, "already holds a finished run; choose another --out, or pass --force"),
-    ({"config.json": '{"my": "settings"}'}, "already holds config.json; choose another --out or pass --force"),
-], ids=["unfinished-ensemble", "finished-ensemble", "finished-run", "foreign-config"])
-def test_train_refuses_a_folder_holding_a_run_an_ensemble_or_a_file_it_would_write(
-        tmp_path, capsys, kind, holds, words):
-    """Without --force neither a run nor an ensemble overwrites what is in --out: a run or an
-    ensemble (finished, or hours of an unfinished one) or a config.json that is not a run's.
-    Exit 1, one line saying what is there, and every file left as it was."""
-    out = tmp_path / "out"
-    out.mkdir()
-    for name, text in holds.items():
-        (out / name).write_text(text)
-    before = files_of(out)
-    argv = ENSEMBLE_TINY_ARGV if kind == "ensemble" else TINY_RUN
-    assert fmnist.main(["train", *argv, "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"fmnist: error: {out}: {words}") and err.count("\n") == 1, err
-    assert files_of(out) == before
-
-
-def test_a_run_stopped_before_its_first_epoch_was_saved_is_not_protected(tmp_path):
-    """A run stopped before its first epoch was saved leaves only its config.json: nothing to
-    resume or lose, so the same command runs again without --force (and writes the new
-    settings). Beside a best.npz it is refused: that is what a copied finished model looks like."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(Config(hidden=(4,)).to_json()))
-    (out / "best.npz").write_bytes(b"a model")
-    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
-    assert (out / "best.npz").read_bytes() == b"a model"
-    (out / "best.npz").unlink()
-    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 0
-    saved = Config.from_json(json.loads((out / "config.json").read_text()))
-    assert saved.hidden == (8,) and (out / "metrics.json").exists()
-
-
-@pytest.mark.parametrize("argv", [["train", "--out", ""], ["train", "--resume", ""],
-                                  ["train", "--data-dir", ""], ["evaluate", ""], ["report", ""],
-                                  ["predict", "", "--test-index", "1"], ["download", "--data-dir", ""]],
-                         ids=" ".join)
-def test_an_empty_path_is_a_usage_error_not_the_current_directory(argv, capsys, tmp_path, monkeypatch):
-    """`--out "$OUT"` with OUT unset must not write a run into the current directory: an empty
-    path is refused (exit 2) before anything is read or written."""
-    monkeypatch.chdir(tmp_path)
-    assert exit_code_of_main(argv) == 2
-    assert "expected a path, got an empty string" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_default_run_directories_started_in_the_same_second_are_distinct(tmp_path, monkeypatch):
-    """Without --out the directory is runs/<timestamp>, claimed by creating it: a second run (or
-    a third) started in the same second gets runs/<timestamp>-2 (-3), never a share of the first."""
-    monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(out=None)
-    base = Path("runs") / "20260101-000000"
-    made = [fmnist._create_run_dir(base, args) for _ in range(3)]
-    assert made == [base, Path("runs/20260101-000000-2"), Path("runs/20260101-000000-3")]
-    assert all(path.is_dir() for path in made)
-    given = argparse.Namespace(out=base)                 # an explicit --out is used as it is
-    assert fmnist._create_run_dir(base, given) == base
-
-
-def test_runs_started_in_the_same_second_without_out_each_get_a_directory(tmp_path, monkeypatch,
-                                                                         capsys):
-    """Two runs and an ensemble, all started in the same second without --out: each trains in
-    a directory of its own (runs/<timestamp>, -2, -3); none is refused or written over."""
-    data = str(DATA)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fmnist.time, "strftime", lambda fmt: "20260101-000000")
-    for argv in (TINY_RUN, TINY_RUN, ENSEMBLE_TINY_ARGV):
-        assert fmnist.main(["train", *argv, "--data-dir", data]) == 0, capsys.readouterr().err
-    runs = tmp_path / "runs"
-    assert sorted(p.name for p in runs.iterdir()) == [
-        "20260101-000000", "20260101-000000-2", "20260101-000000-3"]
-    assert all((runs / name / "metrics.json").exists() for name in os.listdir(runs))
-    assert (runs / "20260101-000000-3" / "ensemble.json").exists()
-
-
-def test_not_enough_memory_is_one_line_not_a_traceback(capsys):
-    """A batch (or network) far beyond memory ends with `fmnist: error: not enough memory (...)`
-    and NumPy's account of what it could not allocate."""
-    assert fmnist.main(["gradcheck", "--batch", str(10**12)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("fmnist: error: not enough memory (Unable to allocate") and err.count("\n") == 1, err
-
-
-def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path):
-    """atomic_write writes through a hidden temporary file; when even that cannot be created,
-    the error names the file the caller wanted."""
-    target = tmp_path / "missing" / "metrics.json"
-    with pytest.raises(FileNotFoundError) as failed:
-        fmnist.write_json(target, {"a": 1})
-    assert failed.value.filename == str(target) and ".tmp" not in str(failed.value)
-
-
-@pytest.mark.parametrize("flags", [TINY_RUN, ENSEMBLE_TINY_ARGV], ids=["run", "ensemble"])
-@pytest.mark.parametrize("refused", ["write", "removal"])
-def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys, flags,
-                                                            refused):
-    """A directory that exists but refuses files (a read-only mount, /sys) gets a sentence
-    naming it and what to do, not an errno and a temporary file's name: a run's, or an
-    ensemble's (whose first file is ensemble.json). On a read-only mount even clearing an
-    earlier run's files fails, files that are not there included (EROFS, not ENOENT)."""
-    def refuse(*args, **kwargs):
-        raise OSError(30, "Read-only file system", "somewhere")
-    if refused == "write":
-        monkeypatch.setattr(fmnist, "write_json", refuse)
-    else:
-        monkeypatch.setattr(Path, "unlink", refuse)
-    out = tmp_path / "run"
-    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
-    assert capsys.readouterr().err == (f"fmnist: error: {out}: cannot write to the directory "
-                                       f"(Read-only file system); choose another --out\n")
-
-
-def _failing_on_call(monkeypatch, name: str, n: int, error: BaseException) -> None:
-    """Make fmnist.<name> raise `error` on its n-th call (counting from 1), as itself otherwise."""
-    real, calls = getattr(fmnist, name), []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise error
-        return real(*args, **kwargs)
-    monkeypatch.setattr(fmnist, name, wrapper)
-
-
-def full_disk(filename: Path | None = None) -> OSError:
-    return OSError(28, "No space left on device", *([str(filename)] if filename else []))
-
-
-@pytest.mark.parametrize("epoch", [1, 2])
-def test_a_full_disk_during_training_says_what_is_saved_and_resumes(tmp_path, monkeypatch,
-                                                                    capsys, epoch):
-    """A disk that fills while epoch e is saved: one message naming the file, and how to go on
-    from epoch e - 1 (whose state.npz, written atomically, is whole); no best.npz without a
-    state.npz beside it. The resumed run ends with the parameters of a run never stopped."""
-    flags = [*TINY_RUN[:3], "2", *TINY_RUN[4:]]                          # two epochs
-    whole = tmp_path / "whole"
-    assert fmnist.main(["train", *flags, "--out", str(whole)]) == 0
-    out = tmp_path / "run"
-    _failing_on_call(monkeypatch, "save_state", epoch, full_disk(out / "state.npz"))
-    capsys.readouterr()
-    assert fmnist.main(["train", *flags, "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    if epoch == 1:
-        assert err == f"fmnist: error: {out / 'state.npz'}: No space left on device\n"
-        assert not (out / "best.npz").exists()
-        return
-    assert err == (f"fmnist: error: {out / 'state.npz'}: No space left on device; the run is "
-                   f"saved after epoch 1. Resume it with:\n  {fmnist._invocation()} train --resume {out}\n")
-    monkeypatch.undo()
-    assert fmnist.main(["train", "--resume", str(out)]) == 0
-    assert np.array_equal(load_checkpoint(out / "best.npz")[0].flat,
-                          load_checkpoint(whole / "best.npz")[0].flat)
-
-
-@pytest.mark.parametrize("where", ["full_evaluation", "write_run_artifacts"])
-@pytest.mark.parametrize("error", [KeyboardInterrupt(), full_disk()], ids=["ctrl-c", "full disk"])
-def test_a_run_stopped_after_training_says_how_to_finish_it(tmp_path, monkeypatch, capsys,
-                                                            where, error):
-    """Training done, then Ctrl-C or a full disk: in the final evaluation (no metrics.json yet),
-    `train --resume` finishes the run; while drawing the pictures, `report` draws them. Either
-    command, run as told, leaves the run complete."""
-    out = tmp_path / "run"
-    _failing_on_call(monkeypatch, where, 1, error)
-    code = fmnist.main(["train", *TINY_RUN, "--out", str(out)])
-    assert code == (130 if isinstance(error, KeyboardInterrupt) else 1)
-    err = capsys.readouterr().err
-    fmnist_ = fmnist._invocation()
-    what = ("in the final evaluation; the run is saved after epoch 1. Finish it with:\n"
-            f"  {fmnist_} train --resume {out}\n" if where == "full_evaluation" else
-            f"while drawing the pictures; draw them with:\n  {fmnist_} report {out}\n")
-    assert err == (f"\ninterrupted {what}" if code == 130 else
-                   f"fmnist: error: {out}: No space left on device; stopped {what}"), err
-    monkeypatch.undo()
-    command = ["train", "--resume"] if where == "full_evaluation" else ["report"]
-    assert fmnist.main([*command, str(out)]) == 0
-    assert {"metrics.json", "report.md"} <= set(os.listdir(out))
-
-
-def test_an_empty_image_path_after_an_option_is_a_usage_error(tmp_path, capsys):
-    """predict's images may follow an option; an empty one there is refused like one before it."""
-    code = exit_code_of_main(["predict", str(tmp_path), "a.png", "--invert", ""])
-    assert code == 2 and "an image path is an empty string" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("text", ["not json", '{"lr": -1}'])
-def test_a_config_json_that_is_not_a_valid_config_is_protected_too(tmp_path, capsys, text):
-    """A config.json that does not even parse as a config is not a lone config.json of a run
-    stopped early, so it is someone's file: refused like any other without --force."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text(text)
-    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 1
-    assert capsys.readouterr().err.startswith(f"fmnist: error: {out}: already holds config.json")
-    assert (out / "config.json").read_text() == text
-
-
-def test_a_default_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
-    """runs/<timestamp> that the file system refuses (here a name too long) is one sentence."""
-    monkeypatch.chdir(tmp_path)
-    strftime = time.strftime
-    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "x" * 300       # ENAMETOOLONG
-                        if fmt == "%Y%m%d-%H%M%S" else strftime(fmt, *when))
-    assert fmnist.main(["train", *TINY_RUN]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("fmnist: error: ") and "cannot create the directory" in err, err
-    assert "choose a directory with --out" in err and len(err.splitlines()) == 1
-
-
-def test_an_ensemble_members_memory_error_is_one_line(monkeypatch, capsys):
-    """A member that runs out of memory says so in one line and fails; the ensemble goes on."""
-    def out_of_memory(args, config):
-        raise MemoryError("Unable to allocate 1 TiB")
-    monkeypatch.setattr(fmnist, "run_train", out_of_memory)
-    assert fmnist._train_member("m", None, Config()) == 1
-    err = capsys.readouterr().err
-    assert "not enough memory (Unable to allocate 1 TiB)" in err and "Traceback" not in err
-
-
-def test_an_ensemble_refuses_a_member_given_twice_under_any_name(tmp_path):
-    """Scoring a network beside itself would report that network as an 'ensemble of 2'."""
-    first = small_checkpoint(tmp_path / "best.npz")
-    (tmp_path / "sub").mkdir()
-    again = tmp_path / "sub" / ".." / "best.npz"
-    other = shutil.copy(first, tmp_path / "copy.npz")     # a copy is another file: accepted
-    assert len(fmnist.load_members([first, other])) == 2
-    for paths, also in (([first, first], ""), ([first, other, again], f" (as {first} too)")):
-        with pytest.raises(CheckpointError) as refused:
-            fmnist.load_members(paths)
-        assert str(refused.value) == (f"{paths[-1]}: given twice{also}; an ensemble takes each "
-                                      f"member once")
-
-
-def test_an_ensemble_members_lines_carry_its_name_and_blank_ones_no_trailing_space():
-    stream = io.StringIO()
-    fmnist._Prefixed(stream, "[best-bn] ").write("epoch 1\n\nbest epoch: 1\n")
-    assert stream.getvalue() == "[best-bn] epoch 1\n[best-bn]\n[best-bn] best epoch: 1\n"
-
-
-def test_an_ensemble_trains_as_many_members_at_once_as_it_may_use_cores(monkeypatch):
-    """--jobs' default counts the cores this process may run on, not those the machine has."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
-    assert fmnist.usable_cpus() == 1
-
-
-def test_a_run_on_one_image_says_image(tmp_path, capsys):
-    assert fmnist.main(["train", *TINY_RUN, "--limit", "1", "--out", str(tmp_path / "r")]) == 0
-    assert capsys.readouterr().out.startswith("training 784-8-10 on 1 image (10,000 validation)")
-
-
-def test_a_run_interrupted_before_its_first_epoch_is_saved_leaves_nothing_half_done(
-        tmp_path, monkeypatch, capsys):
-    """Ctrl-C after best.npz was first written but before state.npz: that best.npz belongs to
-    no resumable run, so it is removed; a single run then says it was interrupted, an ensemble
-    member leaves the how-to-go-on line to its ensemble."""
-    def interrupted_fit(splits, config, *args, **kwargs):
-        (out / "best.npz").write_bytes(b"x")
-        raise KeyboardInterrupt
-        yield                                                  # (a generator, as fit is)
-    monkeypatch.setattr(fmnist, "fit", interrupted_fit)
-    out = tmp_path / "run"
-    assert fmnist.main(["train", *TINY_RUN, "--out", str(out)]) == 130
-    assert not (out / "best.npz").exists()
-    capsys.readouterr()
-    out = tmp_path / "member"
-    args = fmnist.build_parser().parse_args(["train", *TINY_RUN, "--out", str(out)])
-    args.member, args.data_dir = "member", fmnist.default_data_dir()
-    assert fmnist.run_train(args, Config(hidden=(8,), limit=300, epochs=1)) == 130
-    assert capsys.readouterr().err.endswith("interrupted before epoch 1 was saved\n")
-    assert not (out / "best.npz").exists()
-
-
-def test_predict_logits_of_no_images_and_with_flip_averaging_are_read_only_logits():
-    params, x, _, _ = _setup()                                    # a 4-class float64 network
-    empty = predict_logits(params, x[:0])
-    assert empty.shape == (0, 4) and empty.dtype == x.dtype and not empty.flags.writeable
-    net = init_params((784, 8, 10), 0, "float64")
-    averaged = predict_logits(net, np.random.default_rng(0).normal(size=(3, 784)), flip_average=True)
-    assert averaged.shape == (3, 10) and not averaged.flags.writeable
-
-
-def test_confusion_matrix_counts_uint8_labels_without_overflow_and_no_labels_as_zeros():
-    c = confusion_matrix(np.array([29, 3], np.uint8), np.array([29, 2], np.uint8), 30)
-    assert c[29, 29] == 1 and c[3, 2] == 1 and c.sum() == 2
-    np.testing.assert_array_equal(confusion_matrix([], []), np.zeros((10, 10), int))
-
-
-def test_flat_order_is_the_weights_then_each_layer_in_turn():
-    """The documented layout of the flat vector (weights first: Adam's L2 slice is one range)."""
-    assert fmnist.flat_order(["b2", "g1", "W2", "b1", "W1", "g2", "W3", "b3"]) == \
-        ["W1", "W2", "W3", "b1", "g1", "b2", "g2", "b3"]
-
-
-@pytest.mark.parametrize("invert", [False, True])
-def test_read_image_returns_read_only_pixels(tmp_path, invert):
-    from PIL import Image
-    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "a.png")
-    assert not fmnist.read_image(tmp_path / "a.png", invert).flags.writeable
-
-
-def test_a_numpy_bool_in_a_config_becomes_a_bool_that_json_can_write(tmp_path):
-    config = Config(batch_norm=np.True_, hidden=(8,), limit=100)
-    assert type(config.batch_norm) is bool
-    save_checkpoint(tmp_path / "c.npz", init_params(config.layer_sizes, 0, batch_norm=False), config)
-    assert load_checkpoint(tmp_path / "c.npz")[1] == config
-
-
-def test_resume_refuses_a_config_json_that_is_not_the_states(tmp_path, capsys):
-    """The report a resumed run ends with reads config.json: one that disagrees with state.npz
-    is found before training, not after the last epoch."""
-    config = Config(hidden=(4,), limit=100)
-    fmnist.save_state(tmp_path / "state.npz", fmnist.initial_state(config), config, [])
-    (tmp_path / "config.json").write_text(json.dumps(Config(hidden=(5,), limit=100).to_json()))
-    assert fmnist.main(["train", "--resume", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == (f"fmnist: error: {tmp_path / 'config.json'}: does not match "
-                                       f"the settings in state.npz; the run's files are not from "
-                                       f"one run\n")
-
-
-@pytest.mark.parametrize("changes, words", [
-    ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
-    ({"batch_size": 64.0}, "batch_size must be a whole number"),
-    ({"hidden": (8.9,)}, "hidden must be a list of whole numbers"),
-    ({"batch_norm": "false"}, "batch_norm must be true or false, got 'false'"),
-    ({"lr": "1e-3"}, "lr must be a number"),
-    ({"limit": 1.5}, "limit must be a whole number or none"),
-])
-def test_config_refuses_a_value_of_the_wrong_kind_instead_of_rounding_or_reading_it_as_true(
-        changes, words):
-    """A config read back from a file (or built in Python) with 2.5 epochs, a width of 8.9 or
-    the string "false" for a switch is refused by name: silently training 3 epochs, a width of
-    8, or with batch norm on would be worse than an error."""
-    with pytest.raises(ValueError, match=re.escape(words)):
-        Config(**changes)
-
-
-def test_a_checkpoint_whose_arrays_would_unpack_far_beyond_its_network_is_refused_unread(tmp_path):
-    """The sizes the zip declares are checked against what the stored config can hold before
-    anything is decompressed: a 76 KB file that would unpack into 50 MB of zeros beside a
-    784-8-10 network (6,370 parameters) is refused, never loaded."""
-    params = init_params((784, 8, 10), 0)
-    good = tmp_path / "good.npz"
-    fmnist.save_checkpoint(good, params, Config(hidden=(8,)))
-    with np.load(good) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    bomb = tmp_path / "bomb.npz"
-    np.savez_compressed(bomb, **arrays, extra=np.zeros(50 * 2**20, np.uint8))
-    assert bomb.stat().st_size < 200_000
-    tracemalloc.start()
-    with pytest.raises(CheckpointError, match="refused: its arrays take 52,4"):
-        load_checkpoint(bomb)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < 10 * 2**20, peak
-
-
-def test_save_checkpoint_writes_only_what_load_checkpoint_accepts(tmp_path):
-    """A checkpoint that cannot be loaded back is worse than an error when saving: an unfolded
-    batch-norm network, parameters of another dtype than the config's, or NaN weights are
-    refused by save_checkpoint itself, and nothing is written."""
-    config = Config(hidden=(8,))
-    params = init_params((784, 8, 10), 0)
-    with_nan = Params.from_arrays({k: np.full_like(a, np.nan) if k == "b1" else a
-                                   for k, a in params.items()})
-    for bad, words in ((init_params((784, 8, 10), 0, "float64"), "W1 is float64"),
-                       (with_nan, "b1 is float32 with non-finite values"),
-                       (init_params((784, 8, 10), 0, batch_norm=True), "fold batch norm first")):
-        with pytest.raises(CheckpointError, match=re.escape(words)):
-            fmnist.save_checkpoint(tmp_path / "x.npz", bad, config)
-        assert not (tmp_path / "x.npz").exists()
-    fmnist.save_checkpoint(tmp_path / "x.npz", params, config)
-    assert np.array_equal(load_checkpoint(tmp_path / "x.npz")[0].flat, params.flat)
-
-
-def test_a_training_state_with_counters_that_do_not_fit_together_is_refused(tmp_path):
-    """step, epoch, best and history come back only if they make sense together: a best epoch
-    with more correct answers than validation images, a best epoch after the last one, a negative
-    step or a history shorter than the epochs would each corrupt the resumed run quietly."""
-    config = Config(hidden=(8,), limit=100, epochs=2)
-    splits = make_splits(load_fashion_mnist(DATA), config)
-    state, record = next(iter(fit(splits, config)))
-    good = tmp_path / "state.npz"
-    fmnist.save_state(good, state, config, [record])
-    fmnist.load_state(good)
-    with np.load(good) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    meta = json.loads(str(arrays["meta"][()]))
-    for key, value in (("best", [1, 1_000_000, 0]), ("best", [2, 10, 0]), ("step", -1),
-                       ("step", "7"), ("history", [])):
-        bad = tmp_path / f"bad-{key}.npz"
-        np.savez(bad, **arrays | {"meta": np.array(json.dumps(meta | {key: value}))})
-        with pytest.raises(CheckpointError, match="incomplete training state"):
-            fmnist.load_state(bad)
-
-
-def test_save_state_writes_only_what_load_state_accepts(raw, tmp_path):
-    """save_state runs load_state's checks before writing, so a state file that exists can be
-    resumed. A batch-norm state before its first epoch has no folded network yet (its model is
-    the unfolded parameters); a state with counters that do not fit together or a NaN in Adam's
-    moments is as unusable. Each is refused with load_state's words and nothing is written; the
-    same state after one epoch is written and read back."""
-    config = Config(hidden=(8,), limit=100, epochs=2, batch_norm=True)
-    fresh = fmnist.initial_state(config)
-    nan_m = fresh.opt_state.m.flat.copy()
-    nan_m[0] = np.nan
-    state, record = next(fit(_tiny_splits(raw, 100, 50), config))
-    nan_state = state._replace(opt_state=state.opt_state._replace(m=Params(nan_m, state.params.shapes)))
-    path = tmp_path / "state.npz"
-    for bad, history, words in ((fresh, [], "save_state: best_params has shape"),
-                                (state, [], "save_state: incomplete training state"),
-                                (nan_state, [record], "save_state: m holds NaN")):
-        with pytest.raises(CheckpointError, match=re.escape(words)):
-            fmnist.save_state(path, bad, config, history)
-        assert not path.exists()
-    fmnist.save_state(path, state, config, [record])
-    loaded, _, loaded_history = fmnist.load_state(path)
-    assert bits(loaded.model) == bits(state.model) and loaded_history == [record]
-
-
-def test_cli_divergence_found_only_by_the_validation_pass_is_an_error_not_a_nan_result(tmp_path):
-    """An absurd learning rate can leave finite but enormous weights after the last step: the
-    training loss never saw a NaN, but the validation loss is NaN. That must end the run with
-    the divergence message, not write NaN figures (which are not even JSON)."""
-    out = tmp_path / "run"
-    proc = run_cli("train", "--limit", 100, "--epochs", 1, "--lr", "1e20", "--hidden", 16,
-                   "--out", out, "--quiet")
-    assert proc.returncode == 1 and "diverged: the validation loss is nan" in proc.stderr
-    assert not (out / "metrics.json").exists()
-
-
-def test_cli_force_turns_an_ensembles_folder_into_a_runs_and_back(tmp_path):
-    """--force over a folder of the other kind leaves nothing of the old kind that a later
-    --resume, evaluate or predict would pick up: a run written over an ensemble removes its
-    ensemble.json, an ensemble written over a run removes the run's best.npz and state."""
-    out = tmp_path / "x"
-    tiny_ensemble = ("--recipe", "best", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet")
-    assert run_cli("train", *tiny_ensemble, "--out", out).returncode == 0
-    proc = run_cli("train", "--limit", 500, "--epochs", 1, "--hidden", 8, "--quiet", "--out", out,
-                   "--force")
-    assert proc.returncode == 0, proc.stderr
-    assert not (out / "ensemble.json").exists() and fmnist._checkpoints_in(out) == [out / "best.npz"]
-    proc = run_cli("train", *tiny_ensemble, "--out", out, "--force")
-    assert proc.returncode == 0, proc.stderr
-    assert not (out / "best.npz").exists() and not (out / "state.npz").exists()
-    assert fmnist._checkpoints_in(out) == [out / n / "best.npz" for n in fmnist.ENSEMBLES["best"]]
-
-
-def test_cli_ensemble_refuses_a_member_folder_that_holds_another_run(tmp_path):
-    """A folder named like a member but holding some other run is refused before ensemble.json
-    is written, and on --resume when its settings are not the member's: the ensemble would
-    otherwise count a stranger's network as its member."""
-    out = tmp_path / "ens"
-    stranger = ("--limit", 300, "--epochs", 1, "--hidden", 8, "--quiet")
-    assert run_cli("train", *stranger, "--out", out / "best-bn").returncode == 0
-    line = one_line_error(run_cli("train", "--recipe", "best", "--limit", 300, "--epochs", 1,
-                                  "--hidden", 8, "--out", out), stdout=None)
-    assert f"{out / 'best-bn'}: already holds a finished run" in line, line
-    assert not (out / "ensemble.json").exists()
-    members = {name: fmnist.RECIPES[name] for name in fmnist.ENSEMBLES["best"]}
-    fmnist.write_json(out / "ensemble.json", {"recipe": "best", "members": {
-        name: c.to_json() for name, c in members.items()}})
-    line = one_line_error(run_cli("train", "--resume", out), stdout=None)
-    assert "holds a run with other settings than ensemble.json's best-bn" in line, line
-
-
-def test_adam_refuses_a_state_that_does_not_match_the_parameters():
-    """Moments of another network (or dtype) must be refused by name, not broadcast or cast."""
-    params = init_params((6, 5, 3), 0)
-    other = adam_init(init_params((6, 4, 3), 0))
-    grads = Params.from_arrays({k: np.zeros_like(a) for k, a in params.items()})
-    with pytest.raises(ValueError, match="Adam state m"):
-        adam_step(params, grads, other)
-    with pytest.raises(ValueError, match="Adam state m"):
-        adam_step(params, grads, adam_init(init_params((6, 5, 3), 0, "float64")))
-    x, y = np.zeros((4, 6), np.float32), np.zeros(4, np.intp)
-    with pytest.raises(ValueError, match="Adam state m"):
-        train_epoch(params, other, x, y, Config(hidden=(5,)))
-
-
 # ================================================================================================
-# The profile of an epoch (benchmarks/profile_epoch.py): samples land in the right category
+# Benchmarks (benchmarks/*.py)
 # ================================================================================================
 
 def load_benchmark(name: str):
@@ -4851,449 +5214,6 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def load_profile_epoch():
-    return load_benchmark("profile_epoch")
-
-
-def matrix_product_lines(source: str, functions: set[str]) -> tuple[set[int], set[int]]:
-    """Lines of the named functions of fmnist.py that compute a matrix product (an `@`, or a
-    call of np.matmul or np.dot) according to Python's own parser, and all of their lines."""
-    import ast
-    products, spans = set(), set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef) and node.name in functions:
-            spans |= set(range(node.lineno, node.end_lineno + 1))
-            for inner in ast.walk(node):
-                if (isinstance(inner, ast.BinOp) and isinstance(inner.op, ast.MatMult)) or (
-                        isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute)
-                        and inner.func.attr in ("matmul", "dot")):
-                    products.add(inner.lineno)
-    return products, spans
-
-
-def test_the_profile_counts_exactly_the_matrix_products_of_an_epoch_as_matrix_products():
-    """The profile tells a matrix product from elementwise work by the text of the line it was
-    on. For every function an epoch runs through, the lines it calls matrix products must be the
-    lines Python's parser finds one on: otherwise an edit (say, `A @ W` rewritten as np.dot on a
-    line of its own) would quietly move time from one category to another."""
-    profile = load_profile_epoch()
-    source = Path(fmnist.__file__).read_text()
-    lines = source.splitlines()
-    products, spans = matrix_product_lines(source, {"forward", "backward", "_inference",
-                                                    "train_epoch", "adam_update", "_adam_slice"})
-    assert len(products) >= 5          # forward's two, backward's two, _inference's two
-    said = {n for n in spans if profile.MATMUL.search(lines[n - 1].split("#")[0])}
-    assert said == products
-
-
-def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profiled_epochs():
-    """Samples in py-spy's raw format ('frame;frame;... count'), built from lines of fmnist.py
-    found by their text, land in their category; a sample outside the profiled epochs (loading
-    the data, the warm-up epoch) is not counted."""
-    profile = load_profile_epoch()
-    lines = Path(fmnist.__file__).read_text().splitlines()
-
-    def at(function: str, text: str) -> str:
-        """The frame of `function` on its first line holding `text`."""
-        start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function}("))
-        number = next(i for i, line in enumerate(lines[start:], start + 1) if text in line)
-        return f"{function} (fmnist.py:{number})"
-
-    epoch = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "logits, cache = forward(")
-    train = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "adam_update(p, grads")
-    gather = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "augment(x[idx]")
-    validate = (f"{profile.PROFILED} (profile_epoch.py:62);" + at("evaluate", "logits = model_logits(")
-                + ";" + at("model_logits", "predict_logits(members[0]")
-                + ";" + at("predict_logits", "_inference(params, x[i"))
-    raw = "\n".join([
-        epoch + ";" + at("forward", "Z = A @ params") + " 7",
-        epoch + ";" + at("forward", "gate = Z > 0") + " 3",
-        train + ";" + at("adam_update", "_adam_slice(p[s]") + ";" + at("_adam_slice", "np.sqrt(v_out") + " 5",
-        gather + " 2",
-        validate + ";" + at("_inference", "Z = A @ params") + " 4",
-        validate + ";" + at("_inference", "np.maximum(Z, 0.0") + " 1",
-        "child (profile_epoch.py:70);" + at("train_epoch", "adam_update(p, grads") + " 100",
-        at("load_fashion_mnist", "raw = RawData(") + " 50",
-    ])
-    counts = profile.tally(raw, lines)
-    assert counts == {"matrix products, training": 7, "forward: bias, ReLU, dropout": 3,
-                      "Adam updates": 5, "batch gathers x[idx], y[idx]": 2,
-                      "matrix products, validation": 4, "validation: bias, ReLU, loss": 1}
-
-
-# ================================================================================================
-# Third mutation run: IDX files and the loader
-# ================================================================================================
-
-@pytest.mark.parametrize("rows, cols", [(28, 27), (27, 28), (1, 784), (784, 1)], ids=str)
-def test_images_of_any_other_shape_than_28x28_are_refused(rows, cols):
-    """Both sides of an image are checked, not only the first: a 28x27 file would otherwise load
-    as images of another shape, to fail later as a reshape deep in normalise. (I03)"""
-    data = idx_bytes(2051, [2, rows, cols], bytes(2 * rows * cols))
-    with pytest.raises(DataError, match=f"the-name: images are {rows}x{cols}, expected 28x28"):
-        parse_idx(io.BytesIO(data), "the-name")
-
-
-@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
-def test_a_header_claiming_more_image_bytes_than_any_file_is_refused_before_allocating(tmp_path, gz):
-    """The bound is on the bytes a header claims, not on its item count: 100,000 images are
-    78 MB, more than MAX_IDX_BYTES though far fewer than MAX_IDX_BYTES items. They are refused
-    from the header, without reserving the 78 MB. (I04)"""
-    data = idx_bytes(2051, [100_000, 28, 28], bytes(784))
-    path = io_path(tmp_path / ("f.gz" if gz else "f"), gzip.compress(data) if gz else data)
-    tracemalloc.start()
-    try:
-        with pytest.raises(DataError, match=r"header claims 100,000 items \(78,400,000 bytes\)"):
-            read_idx(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 * 2**20, peak
-
-
-@pytest.mark.parametrize("kind", ["missing", "a directory"])
-def test_read_idx_of_a_path_it_cannot_open_is_a_data_error_naming_it(tmp_path, kind):
-    """read_idx's failures are DataErrors (what load_fashion_mnist's callers catch), also when
-    the file cannot even be opened, not an OSError from open(). (I21)"""
-    path = tmp_path / "absent" if kind == "missing" else tmp_path
-    with pytest.raises(DataError, match=re.escape(f"{path}: cannot be opened")):
-        read_idx(path)
-
-
-def test_the_missing_file_message_suggests_downloading_into_the_folder_searched(tmp_path):
-    """The command the message suggests, parsed as main parses it, downloads into the very
-    folder the loader searched (quoted: here its name has a space), not into ./data. (I17)"""
-    folder = tmp_path / "my data"
-    folder.mkdir()
-    with pytest.raises(DataError) as err:
-        load_fashion_mnist(folder)
-    command = shlex.split(re.search(r"run `([^`]*)`", str(err.value)).group(1))
-    args = fmnist.parse_args(fmnist.build_parser(), command[command.index("download"):])
-    assert args.command == "download" and Path(args.data_dir) == folder
-
-
-@pytest.mark.parametrize("in_place_of", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
-def test_a_labels_or_images_file_in_the_other_ones_place_is_refused_unverified(tmp_path, in_place_of):
-    """Without checksums (verify=False), a labels file where the images belong (or an images
-    file where the labels belong) has as many entries as its partner, so only the dimensions
-    tell: it is refused, not returned as 1-D "images" or 3-D "labels". (I23)"""
-    d = _synthetic_data_dir(tmp_path)
-    other = {"train-images-idx3-ubyte": "train-labels-idx1-ubyte",
-             "train-labels-idx1-ubyte": "train-images-idx3-ubyte"}[in_place_of]
-    shutil.copy(d / other, d / in_place_of)
-    with pytest.raises(DataError, match="swapped"):
-        load_fashion_mnist(d, verify=False)
-
-
-@pytest.mark.parametrize("split", ["train", "t10k"])
-def test_counts_that_disagree_are_refused_in_either_pair_of_files(tmp_path, split):
-    """The test images and labels must pair up as the training ones must (verify=False: nothing
-    else would notice): 3 images with 2 labels is a DataError naming both files. (I24)"""
-    d = _synthetic_data_dir(tmp_path, n_train_images=5, n_train_labels=5, n_test=3)
-    (d / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(2049, [2], [1, 2]))
-    if split == "train":
-        (d / "train-images-idx3-ubyte").write_bytes(idx_bytes(2051, [3, 28, 28], bytes(3 * 784)))
-    with pytest.raises(DataError, match=rf"{split}-images-idx3-ubyte and .*{split}-labels-idx1-ubyte "
-                                        rf"disagree: 3 images but 2 labels"):
-        load_fashion_mnist(d, verify=False)
-
-
-@pytest.mark.parametrize("shape", [(2, 27, 28), (2, 784, 1), (2, 28, 28, 1)], ids=str)
-def test_normalise_refuses_pixels_of_any_other_shape(shape):
-    """Only (N, 28, 28) is images: (2, 784, 1) would otherwise reshape silently to two images,
-    and (2, 27, 28) fail with NumPy's reshape message instead of this one. (D01)"""
-    with pytest.raises(ValueError, match=re.escape(f"uint8 pixels of shape (N, 28, 28), got uint8 {shape}")):
-        normalise(np.zeros(shape, np.uint8))
-
-
-def test_the_reports_split_is_the_one_every_earlier_run_was_made_with():
-    """split_seed 42 must keep naming the same 10,000 validation images: a checkpoint stores only
-    the seed, so a different permutation (another generator, or a NumPy release that changes
-    Generator.permutation) would evaluate old runs' "validation" on images they trained on.
-    Pinned: the first indices and the SHA-256 of the validation indices as int64. (D08)"""
-    train, val = split_indices(60_000, 10_000, 42)
-    assert train[:5].tolist() == [3493, 57546, 8815, 19332, 15566]
-    assert val[:5].tolist() == [40982, 39928, 27078, 2387, 4249]
-    assert hashlib.sha256(np.asarray(val, np.int64).tobytes()).hexdigest() == \
-        "c0d2647f131076b2a905942959769ece5d1ff9f0d165275792cc2bdee0c7c7ea"
-
-
-# ================================================================================================
-# Configuration and the command line
-# ================================================================================================
-
-OUT_OF_RANGE = {"dropout": 1.5, "l2": -1.0, "lr": -0.5, "beta1": 1.5, "beta2": -0.25, "eps": -1.0,
-                "flip": 2.5, "shift": 7, "label_smoothing": 1.25, "average": -0.75, "cutout": 30,
-                "input_dropout": 1.75}
-
-
-@pytest.mark.parametrize("field", OUT_OF_RANGE)
-def test_a_refused_setting_is_named_with_the_value_refused(field):
-    """'learning rate must be > 0 and finite, got -0.5': the value is in the sentence, so a user
-    who set it in a script or a config.json sees which number is wrong. Every setting of
-    _SETTINGS has a row here. (C01)"""
-    assert set(OUT_OF_RANGE) == set(fmnist._SETTINGS)
-    bad = OUT_OF_RANGE[field]
-    with pytest.raises(ValueError) as err:
-        Config(**{field: bad})
-    assert str(err.value).endswith(f", got {bad}"), str(err.value)
-
-
-@pytest.mark.parametrize("fields", [
-    {"cutout": 28}, {"cutout": 0}, {"hidden": (fmnist.MAX_WIDTH,)}, {"hidden": (1,)},
-    {"limit": fmnist.TRAIN_IMAGES - 10_000}, {"limit": 1}, {"val_size": 1},
-    {"val_size": fmnist.TRAIN_IMAGES - 1}, {"batch_size": 1}, {"seed": 0}, {"patience": 0},
-], ids=str)
-def test_config_accepts_the_ends_of_the_other_ranges(fields):
-    """The refusals stop exactly at the ends their messages name: a cutout as large as the image,
-    a layer of MAX_WIDTH units, a limit of all 50,000 training images are settings, not typos.
-    (C09, C22, C27)"""
-    assert all(getattr(Config(**fields), k) == v for k, v in fields.items())
-
-
-@pytest.mark.parametrize("changes, words", [
-    ({"epochs": True}, "epochs must be a whole number, got True"),
-    ({"batch_size": np.True_}, "batch_size must be a whole number, got True"),
-    ({"batch_norm": 1}, "batch_norm must be true or false, got 1"),
-    ({"flip_average": 0}, "flip_average must be true or false, got 0"),
-    ({"val_size": fmnist.TRAIN_IMAGES}, "val_size must be in [1, 60000), got 60000"),
-], ids=str)
-def test_config_refuses_a_switch_for_a_number_a_number_for_a_switch_and_no_training_images(
-        changes, words):
-    """JSON's true is not 1 epoch and its 1 is not a switch: each is refused by name, as 2.5
-    epochs are. A validation set of all 60,000 images leaves none to train on and is refused
-    when the config is made, not later by the split. (C14, C17, C26)"""
-    with pytest.raises(ValueError, match=re.escape(words)):
-        Config(**changes)
-
-
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Config) if f.type == "bool"])
-def test_help_says_on_for_a_recipe_with_a_switch_on(field):
-    """--help's 'on' and 'off' for a switch are each recipe's own setting (the round-trip test
-    above compares the help with _flag_value, so it cannot tell on from off). (A05)"""
-    expected = {recipe: "on" if getattr(c, field) else "off" for recipe, c in fmnist.RECIPES.items()}
-    assert parse_recipe_values(fmnist.recipe_values(field)) == expected
-
-
-def test_a_negative_test_index_is_a_usage_error_not_the_last_test_image(capsys):
-    """--test-index -1 would otherwise ask silently about image 9,999 (Python's indexing). (A10)"""
-    assert exit_code_of_main(["predict", "ckpt.npz", "--test-index", "-1"]) == 2
-    assert "a test image number is 0 to 9999, got '-1'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv", [["a.png", "--invert", "--bogus"], ["--invert", "a.png", "--bogus"]],
-                         ids=" ".join)
-def test_an_unknown_option_after_predicts_images_is_a_usage_error(argv, capsys):
-    """Image files may follow an option, but an unknown option there is still refused as
-    argparse refuses it elsewhere (exit 2), not taken for an image file named --bogus. (A13)"""
-    assert exit_code_of_main(["predict", "ckpt.npz", *argv]) == 2
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert "unrecognized arguments: " in last and last.endswith("--bogus"), last
-
-
-@pytest.mark.parametrize("command", ["train", "evaluate", "report", "predict", "gradcheck", "download"])
-def test_help_shows_no_default_for_a_switch_or_an_absent_value(command, capsys):
-    """'(default: False)' after --force or --invert, or '(default: None)' after --out, says
-    nothing a user can use; _HelpFormatter leaves them out. (A18)"""
-    assert exit_code_of_main([command, "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for absent in ("(default: False)", "(default: None)", "(default: [])"):
-        assert absent not in text, (absent, text)
-
-
-# ================================================================================================
-# Image input for predict
-# ================================================================================================
-
-def test_the_pixel_limit_admits_an_image_of_exactly_that_many_pixels(tmp_path, monkeypatch):
-    """MAX_IMAGE_PIXELS is the largest image read, not the first refused (here lowered to 28 x 28
-    so that the test stays small). (P01)"""
-    from PIL import Image
-    monkeypatch.setattr(fmnist, "MAX_IMAGE_PIXELS", 28 * 28)
-    Image.new("L", (28, 28), 0).save(tmp_path / "limit.png")
-    Image.new("L", (28, 29), 0).save(tmp_path / "over.png")
-    assert fmnist.read_image(tmp_path / "limit.png").shape == (28, 28)
-    with pytest.raises(fmnist.ImageError, match="too large"):
-        fmnist.read_image(tmp_path / "over.png")
-
-
-def test_a_too_large_image_is_refused_in_one_plain_sentence(tmp_path):
-    """The pixel limit's own message, not wrapped again as 'not a readable image (ImageError:
-    ...)' with the path named twice. (P08)"""
-    path = io_path(tmp_path / "big.png", png_header(10_000, 6_000))
-    with pytest.raises(fmnist.ImageError) as err:
-        fmnist.read_image(path)
-    assert str(err.value) == (f"{path}: 10000 x 6000 pixels is too large (limit 50,000,000 "
-                              f"pixels); shrink it first")
-
-
-@pytest.mark.parametrize("suffix", ["png", "jpg"])
-def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, suffix):
-    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation; read upright,
-    a tall dress does not become a wide one. Orientation 6: turn the pixels 90 degrees
-    clockwise. (P02)"""
-    from PIL import Image
-    pixels = np.zeros((20, 40), np.uint8)
-    pixels[2:6, 5:30] = 200
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(pixels).save(tmp_path / f"photo.{suffix}", exif=exif, quality=100)
-    gray = fmnist.read_image(tmp_path / f"photo.{suffix}")
-    assert gray.shape == (40, 20)
-    assert np.abs(gray.astype(int) - np.rot90(pixels, -1)).max() <= 2
-
-
-def test_a_large_image_is_shrunk_to_the_working_side_keeping_its_shape(tmp_path):
-    """read_image bounds the pixels it hands on: the longer side to WORKING_SIDE, the aspect
-    ratio kept. (P07)"""
-    from PIL import Image
-    Image.new("L", (2048, 1000), 0).save(tmp_path / "wide.png")
-    assert fmnist.read_image(tmp_path / "wide.png").shape == (500, fmnist.WORKING_SIDE)
-
-
-def test_a_big_endian_16_bit_tiff_reads_as_its_8_bit_twin(tmp_path):
-    """Pillow reads big-endian 16-bit TIFFs as mode I;16B; like I;16 they hold 0-65535 and are
-    scaled to 8 bits, not clipped to 255. (P12)"""
-    from PIL import Image
-    pixels = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
-    Image.frombytes("I;16B", (28, 28), (pixels.astype(">u2") * 257).tobytes()).save(tmp_path / "b.tif")
-    assert image_mode(tmp_path / "b.tif") == "I;16B"
-    assert np.array_equal(fmnist.read_image(tmp_path / "b.tif"), pixels)
-
-
-@given(gray=hnp.arrays(np.uint8, st.tuples(st.integers(2, 9), st.integers(2, 9))))
-def test_the_border_is_the_outermost_ring_of_pixels(gray):
-    """_border holds each pixel of the first and last rows and columns (a corner is in a row and
-    a column, so twice) and nothing else: the background estimate and looks_inverted see the
-    picture's edge, not a row inside it. (P13, P14)"""
-    count = np.zeros(gray.shape, int)
-    count[[0, -1], :] += 1
-    count[:, [0, -1]] += 1
-    expected = np.repeat(gray.ravel(), count.ravel())
-    assert np.array_equal(np.sort(fmnist._border(gray)), np.sort(expected))
-
-
-@pytest.mark.parametrize("light_object", [True, False])
-def test_looks_inverted_goes_by_the_border_not_by_the_object(light_object):
-    """An object filling most of the picture decides nothing: a light coat on a dark border is
-    as stored, a dark coat on a light border looks inverted. (P24)"""
-    gray = np.full((40, 30), 20 if light_object else 230, np.uint8)
-    gray[3:37, 3:27] = 230 if light_object else 20                        # 80% of the picture
-    assert fmnist.looks_inverted(gray) is (not light_object)
-
-
-def test_an_object_one_pixel_wide_keeps_one_column():
-    """A thin object (a strap, a belt seen edge-on) is scaled to 28 rows and stays one pixel
-    wide, rather than to zero width, which Pillow refuses and predict would call 'no object
-    found'. (P21)"""
-    gray = np.zeros((120, 60), np.uint8)
-    gray[10:110, 30] = 255
-    out = fmnist.to_fashion_mnist(gray)
-    assert out.shape == (28, 28) and out.any(axis=1).all()
-    assert np.flatnonzero(out.any(axis=0)).tolist() == [14]
-
-
-@given(probs=st.lists(st.sampled_from([0.05, 0.1, 0.2]), min_size=10, max_size=10),
-       k=st.integers(1, 10))
-@example(probs=[0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.2], k=3)
-def test_top_k_lists_equally_probable_classes_in_class_order(probs, k):
-    """Most probable first, and classes of equal probability in class order, so the same
-    probabilities give the same answer on every CPU (NumPy's default sort is not stable: on
-    AVX-512 it lists [0.2, 0.1, 0.1, ..., 0.2] as classes 0, 9, 2). (P27)"""
-    p = np.array(probs)
-    expected = sorted(range(10), key=lambda i: (-p[i], i))[:k]
-    assert [t["label"] for t in fmnist.top_k(p, k)] == expected
-
-
-# ================================================================================================
-# Parameters and the checks of a batch
-# ================================================================================================
-
-@pytest.mark.parametrize("call", [
-    lambda p, x, y: fmnist.evaluate(p, x, y),
-    lambda p, x, y: fmnist.total_loss(p, x, y),
-    lambda p, x, y: fmnist.backward(p, fmnist.forward(p, x)[1], y),
-    lambda p, x, y: fmnist.train_epoch(p, fmnist.adam_init(p), x, y, Config(hidden=(8, 6), batch_size=4,
-                                                                            dtype="float64")),
-], ids=["evaluate", "total_loss", "backward", "train_epoch"])
-def test_float_labels_are_refused_in_a_value_error_even_when_whole(call):
-    """Labels 0.0, 1.0, ... are floats, not classes: refused in words, not by an IndexError from
-    deep inside the loss (or, for evaluate, after a whole forward pass). (F16)"""
-    params, x, y, _ = _setup()
-    with pytest.raises(ValueError, match=re.escape("labels must be integers in 0..3, got float64")):
-        call(params, x, y.astype(np.float64))
-
-
-@pytest.mark.parametrize("missing", ["b1", "b2", "b3"])
-def test_a_network_with_an_array_missing_names_it(missing):
-    """A network short of one array says which, as one with an extra array does. (F21)"""
-    params, x, _, _ = _setup()
-    short = {k: v for k, v in params.items() if k != missing}
-    with pytest.raises(ValueError, match=rf"names missing or extra: {missing}\)"):
-        fmnist.forward(short, x)
-
-
-@pytest.mark.parametrize("flat", [np.zeros(11), np.zeros(12), np.zeros((10, 1)), np.zeros(9)],
-                         ids=["one number too many", "two too many", "a (10, 1) column",
-                              "one number too few"])
-def test_params_take_a_flat_vector_of_exactly_the_numbers_of_their_shapes(flat):
-    """A Params's arrays are views that together cover its flat 1-D vector exactly: a vector
-    with numbers to spare, or a (10, 1) column that its 1-D views would slice row by row, is
-    refused, not silently taken in part.
-    (F29, F30)"""
-    with pytest.raises(ValueError, match="does not fit shapes"):
-        Params(flat, {"W1": (2, 4), "b1": (2,)})
-
-
-def test_flat_order_counts_layers_as_numbers_beyond_nine():
-    """A state file stores flat vectors in this order, so it is part of the file format: W1, W2,
-    ..., W10, W11, then b1, g1, b2, ..., b11, whatever the number of layers (W10 is not between
-    W1 and W2). (F33)"""
-    names = [f"{kind}{l}" for l in range(1, 12) for kind in "Wbg" if not (kind == "g" and l == 11)]
-    assert fmnist.flat_order(names[::-1]) == \
-        [f"W{l}" for l in range(1, 12)] + [f"{kind}{l}" for l in range(1, 12) for kind in "bg"
-                                           if not (kind == "g" and l == 11)]
-
-
-# ================================================================================================
-# Fifth session: unknown options get their command's usage line
-# ================================================================================================
-
-@pytest.mark.parametrize("command", ["train", "evaluate ckpt.npz", "predict ckpt.npz a.png"])
-def test_an_unknown_option_shows_its_commands_usage(command, capsys):
-    """`fmnist train --nope` answers with train's usage and name, as `fmnist train` without a
-    value would, not with the top-level `usage: fmnist [-h] [--version] COMMAND ...`."""
-    name = command.split()[0]
-    assert exit_code_of_main([*command.split(), "--nope"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"usage: fmnist {name} ") and \
-        err.splitlines()[-1] == f"fmnist {name}: error: unrecognized arguments: --nope", err
-
-
-def test_predicts_images_after_an_option_are_not_called_unrecognized(capsys):
-    """In `predict ckpt.npz --invert a.png --bogus`, a.png is an image file (they may follow an
-    option) and only --bogus is unknown."""
-    assert exit_code_of_main(["predict", "ckpt.npz", "--invert", "a.png", "--bogus", "b.png"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == \
-        "fmnist predict: error: unrecognized arguments: --bogus"
-
-
-def test_an_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
-    """`fmnist --nope train`: the option was given to fmnist, not to train."""
-    assert exit_code_of_main(["--nope", "train"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "fmnist: error: unrecognized arguments: --nope"
-
-
-@pytest.mark.parametrize("argv", [["--invert", "--", "-a.png"], ["--", "-a.png"],
-                                  ["b.png", "--invert", "--", "-a.png", "--c.png"]], ids=" ".join)
-def test_predicts_images_after_dashes_are_images_even_after_an_option(argv):
-    """After `--`, a name that starts with a dash is an image file, whether or not an option
-    came before (argparse alone handles only the second case)."""
-    args = fmnist.parse_args(fmnist.build_parser(), ["predict", "ckpt.npz", *argv])
-    assert [str(i) for i in args.images] == [a for a in argv if a not in ("--invert", "--")]
-    assert args.invert == ("--invert" in argv)
 
 
 # ================================================================================================
@@ -5432,3 +5352,77 @@ def test_the_products_benchmark_times_both_thread_settings_and_writes_them(tmp_p
             assert row["name"] in printed and 16 in (m, k)
             assert math.isclose(row["gflops"], 2 * m * k * n / row["seconds"] / 1e9)
     assert "one step" in printed and "one thread" in printed
+
+
+# ================================================================================================
+# The profile of an epoch (benchmarks/profile_epoch.py): samples land in the right category
+# ================================================================================================
+
+def load_profile_epoch():
+    return load_benchmark("profile_epoch")
+
+
+def matrix_product_lines(source: str, functions: set[str]) -> tuple[set[int], set[int]]:
+    """Lines of the named functions of fmnist.py that compute a matrix product (an `@`, or a
+    call of np.matmul or np.dot) according to Python's own parser, and all of their lines."""
+    import ast
+    products, spans = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name in functions:
+            spans |= set(range(node.lineno, node.end_lineno + 1))
+            for inner in ast.walk(node):
+                if (isinstance(inner, ast.BinOp) and isinstance(inner.op, ast.MatMult)) or (
+                        isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute)
+                        and inner.func.attr in ("matmul", "dot")):
+                    products.add(inner.lineno)
+    return products, spans
+
+
+def test_the_profile_counts_exactly_the_matrix_products_of_an_epoch_as_matrix_products():
+    """The profile tells a matrix product from elementwise work by the text of the line it was
+    on. For every function an epoch runs through, the lines it calls matrix products must be the
+    lines Python's parser finds one on: otherwise an edit (say, `A @ W` rewritten as np.dot on a
+    line of its own) would quietly move time from one category to another."""
+    profile = load_profile_epoch()
+    source = Path(fmnist.__file__).read_text()
+    lines = source.splitlines()
+    products, spans = matrix_product_lines(source, {"forward", "backward", "_inference",
+                                                    "train_epoch", "adam_update", "_adam_slice"})
+    assert len(products) >= 5          # forward's two, backward's two, _inference's two
+    said = {n for n in spans if profile.MATMUL.search(lines[n - 1].split("#")[0])}
+    assert said == products
+
+
+def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profiled_epochs():
+    """Samples in py-spy's raw format ('frame;frame;... count'), built from lines of fmnist.py
+    found by their text, land in their category; a sample outside the profiled epochs (loading
+    the data, the warm-up epoch) is not counted."""
+    profile = load_profile_epoch()
+    lines = Path(fmnist.__file__).read_text().splitlines()
+
+    def at(function: str, text: str) -> str:
+        """The frame of `function` on its first line holding `text`."""
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function}("))
+        number = next(i for i, line in enumerate(lines[start:], start + 1) if text in line)
+        return f"{function} (fmnist.py:{number})"
+
+    epoch = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "logits, cache = forward(")
+    train = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "adam_update(p, grads")
+    gather = f"{profile.PROFILED} (profile_epoch.py:60);" + at("train_epoch", "augment(x[idx]")
+    validate = (f"{profile.PROFILED} (profile_epoch.py:62);" + at("evaluate", "logits = model_logits(")
+                + ";" + at("model_logits", "predict_logits(members[0]")
+                + ";" + at("predict_logits", "_inference(params, x[i"))
+    raw = "\n".join([
+        epoch + ";" + at("forward", "Z = A @ params") + " 7",
+        epoch + ";" + at("forward", "gate = Z > 0") + " 3",
+        train + ";" + at("adam_update", "_adam_slice(p[s]") + ";" + at("_adam_slice", "np.sqrt(v_out") + " 5",
+        gather + " 2",
+        validate + ";" + at("_inference", "Z = A @ params") + " 4",
+        validate + ";" + at("_inference", "np.maximum(Z, 0.0") + " 1",
+        "child (profile_epoch.py:70);" + at("train_epoch", "adam_update(p, grads") + " 100",
+        at("load_fashion_mnist", "raw = RawData(") + " 50",
+    ])
+    counts = profile.tally(raw, lines)
+    assert counts == {"matrix products, training": 7, "forward: bias, ReLU, dropout": 3,
+                      "Adam updates": 5, "batch gathers x[idx], y[idx]": 2,
+                      "matrix products, validation": 4, "validation: bias, ReLU, loss": 1}
