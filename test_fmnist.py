@@ -5315,43 +5315,61 @@ def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():
 # The speed of each matrix product (benchmarks/gemm_products.py)
 # ================================================================================================
 
-def test_the_products_timed_are_the_floors_eleven_and_compute_what_their_names_say():
+def test_the_products_timed_are_the_floors_eleven_on_the_arrays_their_names_say():
     """One step of the recipe: four forward products, four weight gradients, and the input
-    gradients of layers 2-4 (none for the images). Each writes the (m, n) result of its name's
-    product, the same bits as `@` on the arrays named."""
-    products = load_benchmark("gemm_products").step_products(128, Config().layer_sizes)
-    names = [p["name"] for p in products]
-    assert sorted(names) == sorted([f"Z{l} = A{l - 1} W{l}" for l in (1, 2, 3, 4)]
-                                   + [f"dW{l} = A{l - 1}^T dZ{l}" for l in (1, 2, 3, 4)]
-                                   + [f"dA{l - 1} = dZ{l} W{l}^T" for l in (2, 3, 4)])
+    gradients of layers 2-4 (none for the images). Each multiplies the very arrays its name
+    says, a transposed one as a view of it (the layout training uses, not a copy), into an
+    output of the product's shape."""
+    products, named = load_benchmark("gemm_products").step_products(128, Config().layer_sizes)
+    assert sorted(p["name"] for p in products) == sorted(
+        [f"Z{l} = A{l - 1} W{l}" for l in (1, 2, 3, 4)]
+        + [f"dW{l} = A{l - 1}^T dZ{l}" for l in (1, 2, 3, 4)]
+        + [f"dA{l - 1} = dZ{l} W{l}^T" for l in (2, 3, 4)])
+
+    def same_array(a: np.ndarray, b: np.ndarray) -> bool:       # the same memory, read alike
+        return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+                and a.shape == b.shape and a.strides == b.strides)
+
     for p in products:
-        left, right = p["left"], p["right"]
-        result = np.matmul(left, right, out=p["out"])
-        assert result is p["out"] and result.shape == (left.shape[0], right.shape[1])
-        assert np.array_equal(result, left @ right), p["name"]
-    widths = dict(zip(("Z1", "Z2", "Z3", "Z4"), Config().layer_sizes[1:]))
-    for p in products:
-        if p["name"][:2] in widths:
-            assert p["out"].shape == (128, widths[p["name"][:2]])   # a batch's rows
+        left, right = p["name"].split(" = ")[1].split(" ")
+        for operand, word in ((p["left"], left), (p["right"], right)):
+            expected = named[word[:-2]].T if word.endswith("^T") else named[word]
+            assert same_array(operand, expected), (p["name"], word)
+        assert p["out"].shape == (p["left"].shape[0], p["right"].shape[1]), p["name"]
+    assert named["A0"].shape == (128, 784) and named["W1"].shape == (784, 512)
 
 
-def test_the_products_benchmark_times_both_thread_settings_and_writes_them(tmp_path, capsys):
-    """A short run prints one row per product and the step's total, and its JSON has every
-    product timed on the default threads and on one thread (a child process), with GFLOP/s
+def test_the_products_table_gives_each_speed_up_and_the_epoch_they_add_up_to():
+    rows = [{"name": "Z1 = A0 W1", "mkn": [2, 3, 4], "seconds": 1e-3, "gflops": 0.048,
+             "one_thread_seconds": 2e-3, "one_thread_gflops": 0.024},
+            {"name": "dW1 = A0^T dZ1", "mkn": [3, 2, 4], "seconds": 3e-3, "gflops": 0.016,
+             "one_thread_seconds": 3e-3, "one_thread_gflops": 0.016}]
+    lines = load_benchmark("gemm_products").format_table(rows, steps=391).splitlines()
+    assert lines[1].split()[-5:] == ["1000.0", "0.0", "2000.0", "0.0", "2.00x"]
+    assert lines[2].split()[-1] == "1.00x"
+    assert lines[3].split()[-3:] == ["4000.0", "5000.0", "1.25x"]     # one step: 4 ms, 5 ms
+    assert lines[4].startswith("391 such steps") and lines[4].endswith(
+        ": 1.564 s, one thread 1.955 s")
+
+
+def test_the_products_benchmark_times_one_thread_and_the_default_and_writes_them(tmp_path,
+                                                                                    capsys):
+    """A short run prints one row per product, and its JSON has every product timed on the
+    default threads and on one (threadpoolctl saw exactly one BLAS thread then), with GFLOP/s
     that are 2 m k n over the seconds."""
+    pytest.importorskip("threadpoolctl")
     out = tmp_path / "products.json"
     assert load_benchmark("gemm_products").main(["--repeats", "2", "--batch", "16",
                                                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["batch"] == 16
-    for rows in (report["default_threads"], report["one_thread"]):
-        assert len(rows) == 11
-        for row in rows:
-            m, k, n = row["mkn"]
-            assert row["name"] in printed and 16 in (m, k)
-            assert math.isclose(row["gflops"], 2 * m * k * n / row["seconds"] / 1e9)
-    assert "one step" in printed and "one thread" in printed
+    assert report["batch"] == 16 and report["blas_threads"]["one"] == [1]
+    assert len(report["products"]) == 11
+    for row in report["products"]:
+        m, k, n = row["mkn"]
+        assert row["name"] in printed and 16 in (m, k)
+        for prefix in ("", "one_thread_"):
+            assert math.isclose(row[prefix + "gflops"], 2 * m * k * n / row[prefix + "seconds"] / 1e9)
 
 
 # ================================================================================================
