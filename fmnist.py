@@ -40,9 +40,12 @@ Conventions, stated once:
   `flush_to_zero`), and they are only ever handed arrays their caller owns: fresh ones, or the
   private copies `train_epoch` makes once an epoch and updates step after step.
   Internally the arrays are views into one flat vector (weights first, then the rest), so the
-  optimizer works on one vector rather than looping over layers.
+  optimizer works on one vector rather than looping over layers. Building a `Params` over a
+  vector makes that vector read-only: its maker hands it over.
 * Randomness comes in through explicit seeds (`np.random.default_rng([seed, epoch])`), so a run is
-  bit-for-bit reproducible and any epoch can be replayed from its inputs alone.
+  bit-for-bit reproducible and any epoch can be replayed from its inputs alone. A function that
+  takes `rng` accepts a seed, or a `np.random.Generator` that it draws from (and so advances,
+  as drawing does): pass a seed for a call that leaves everything as it was.
 
 What it leaves out on purpose: convolutions, automatic differentiation, GPU support. The point is
 to see every derivative written by hand, and to make plain NumPy as fast as it can be.
@@ -921,8 +924,8 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
     """He-normal weights for the ReLU layers, Xavier (Glorot) normal for the output, zero biases;
     with batch norm, scales g = 1 (the weights are the same draws either way).
 
-    He: std = sqrt(2 / fan_in) keeps the variance of activations constant through ReLUs, which
-    zero half their inputs. Xavier: std = sqrt(2 / (fan_in + fan_out)) suits the linear output.
+    He: std = sqrt(2 / fan_in) keeps the variance of each layer's pre-activations Z about the
+    same from layer to layer, through ReLUs that zero half their inputs. Xavier: std = sqrt(2 / (fan_in + fan_out)) suits the linear output.
     """
     if len(layer_sizes) < 2 or any(int(n) < 1 for n in layer_sizes):
         raise ValueError(f"layer sizes must be two or more positive integers, got {list(layer_sizes)}")
@@ -1176,21 +1179,30 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
     between t and 2t. Returns `a`.
 
     Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
-    weights to zero geometrically (about x0.95 per step once |lambda W| < eps), down through
-    the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
+    weights toward zero step after step (how fast depends on what v remembers of the unit's
+    earlier gradients), down through the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
     matrix products too: left alone, the report's recipe (with L2 gradient 2 lambda W) slowed
     from 2 s to 25 s an epoch by epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags
     PyTorch sets with `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they
     get there: moments and dL/dZ near sqrt(tiny) (1e-19 in float32), so that their products stay
     normal, and weights near tiny**(1/4) (3e-10), so that even (1 - beta2) * (lambda W)^2 does.
-    Neither changes anything at float32 resolution: such a weight is 10^-9 of the sums it enters.
-    Adam flushes every FLUSH_EVERY = 16 steps, which is often enough: from these thresholds,
-    decaying by x0.95 (weights) or x0.9 (m) a step, nothing reaches tiny in fewer than 400 steps.
+    Adam flushes every FLUSH_EVERY = 16 steps, which proved often enough: the default run's
+    epochs keep their speed to the end (with no gradient, m shrinks by x0.9 a step, so from
+    sqrt(tiny) it needs over 400 steps to reach tiny).
+
+    What this changes is tiny, but not nothing. A flushed weight (under 3e-10) is 10^-9 of the
+    sums it enters, and a flushed m (under 1e-19) would have moved its weight by less than 1e-13.
+    A flushed v matters most: its square root, up to 2.3e-10, leaves Adam's denominator
+    sqrt(v) + eps_hat, about 2% of eps_hat late in training (18% at step 16, while
+    eps_hat = eps sqrt(1 - beta2^t) is still small), but only for coordinates whose gradients
+    have stayed below about 3e-10. And numbers that are not zeroed may round by one unit in
+    their last place (below). So runs are reproducible bit for bit, not identical to runs
+    without the flush.
 
     Two roundings do it in two passes. With m the mantissa bits, the floats next to
     c = 2^(m+1) t are s apart, with t < s <= 2t, except when c is a power of two (as for root 2):
     then they are s = 2t apart above c but only t apart below it. Adding c rounds x to c itself
-    when -s/2 < x < s/2 (-t/2 <= x < t for a power of two), so every |x| < t/2 either way, and
+    when -s/2 < x < s/2 (-t/2 <= x <= t for a power of two), so every |x| < t/2 either way, and
     subtracting c then leaves exactly 0. Any other small x comes back rounded to a multiple of
     the spacing, so a nonzero result is at least t. Other numbers move by at most 2t or one unit
     in their last place, and not at all once they are 2^(2m+3) t or larger.
@@ -1235,8 +1247,10 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     One line is about speed, not math: entries of dL/dZ_L below about 5e-20 (float32) become
     zero, and no nonzero entry below 1.1e-19 is left (`flush_to_zero`; one between the two may
     move up to 2.2e-19). Confidently classified examples give probabilities like 1e-30, which
-    multiplied through the weights become *subnormal* numbers that slow the CPU. They are 10^15
-    times smaller than the O(1/B) entries beside them, so the gradient does not change.
+    multiplied through the weights become *subnormal* numbers that slow the CPU. They are 10^17
+    times smaller than the O(1/B) entries beside them, far below what float32 sums resolve;
+    entries under 6.1e-5 that are not zeroed may round by one unit in their last place
+    (`flush_to_zero` says which).
     """
     check_params(params)
     L = num_layers(params)
@@ -1248,11 +1262,11 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     shapes = {k: np.shape(a) for k, a in params.items()}
     flat = np.empty(num_parameters(shapes), dtype=cache.logits.dtype)
     grads = split_flat(flat, shapes)                          # writable views, filled below
-    dZ = _softmax(cache.logits)                               # (B, 10)
+    dZ = _softmax(cache.logits)                               # p, (B, 10)
     if smoothing:
-        dZ -= smoothing / dZ.shape[1]
-    dZ[np.arange(B), labels] -= 1.0 - smoothing
-    dZ /= B                                                   # dL/dZ_L
+        dZ -= smoothing / dZ.shape[1]                         # p - e/K
+    dZ[np.arange(B), labels] -= 1.0 - smoothing               # p - T: less 1 - e at the label
+    dZ /= B                                                   # dL/dZ_L: the loss is a mean
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
         A_prev, W = cache.inputs[l - 1], params[f"W{l}"]
@@ -1433,15 +1447,19 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
         p_t = p - lr/(1 - beta1^t) * m_t / (sqrt(v_t / (1 - beta2^t)) + eps)
 
     The bias corrections undo the zero start of m and v, so the first step has size ~lr in every
-    coordinate whatever the gradient's scale. The last line is computed in the equivalent form
-    p - step_size * m_t / (sqrt(v_t) + eps_hat), moving both corrections into two scalars. These
-    formulas are what `_adam_slice` computes, line by line; it only arranges them to use little
-    memory (see `adam_update`).
+    coordinate whatever the gradient's scale (as long as |g| is well above eps). Multiplying the
+    last line's fraction above and below by sqrt(1 - beta2^t) gives the form computed,
+    p - step_size * m_t / (sqrt(v_t) + eps_hat), with step_size = lr sqrt(1 - beta2^t) /
+    (1 - beta1^t) and eps_hat = eps sqrt(1 - beta2^t): both corrections in two scalars.
+    `_adam_slice` computes these formulas, rearranged to use little memory (the moments as
+    v + (1 - beta2)(g^2 - v), which can round differently in the last bit), and every
+    FLUSH_EVERY-th step it zeroes numbers near the bottom of the float range (`flush_to_zero`).
 
     `l2` adds the L2 term's gradient l2 * W to the weights' gradients here, which is exactly
     what `backward(..., l2)` would have added (optax calls this `add_decayed_weights` before
     `scale_by_adam`). Training passes the data gradient from `backward(..., l2=0)` and l2 here,
-    because here the addition costs one pass over numbers already in cache.
+    because here the addition costs two passes over slices already in cache instead of two
+    over all the weights in memory.
 
     `weight_decay` makes it AdamW (Loshchilov and Hutter, 2019): the weights (not the biases)
     also shrink by the factor 1 - lr * weight_decay, outside Adam's division by sqrt(v):
@@ -1474,10 +1492,10 @@ FLUSH_EVERY = 16        # steps between flushes of tiny numbers (see flush_to_ze
 
 def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: float,
                 beta1: float, beta2: float, eps: float, l2: float, weight_decay: float) -> None:
-    """Adam's step t on flat vectors (weights first, then biases), written into p_out, m_out,
-    v_out. The outputs may be p, m, v themselves: `train_epoch` updates the buffers it owns in
-    place, which saves writing three fresh 2.3 MB arrays every step; `adam_step` passes fresh
-    ones. Either way the arithmetic is the same, so the results are bit-identical.
+    """Adam's step t on flat vectors (weights first, then biases and any batch-norm scales),
+    written into p_out, m_out, v_out. The outputs may be p, m, v themselves: `train_epoch`
+    updates the buffers it owns in place, which saves writing three fresh 2.3 MB arrays every
+    step; `adam_step` passes fresh ones. Either way the arithmetic is the same, so the results are bit-identical.
 
     Speed: the update is memory-bound (a dozen passes over 570k numbers), so it runs slice by
     slice; every array's slice, and the two scratch slices, stay in cache between passes.
@@ -1602,7 +1620,7 @@ def train_epoch(params: Mapping, opt_state: AdamState, x: np.ndarray, y: np.ndar
         yb = y[idx]                                           # (B,)
         masks = dropout_masks(rng, len(idx), hidden, config.dropout, p.dtype.name)
         logits, cache = forward(current, xb, masks)
-        # l2=0 in backward: adam_update adds l2 W itself, bit for bit the same, one pass fewer
+        # l2=0 in backward: adam_update adds l2 W itself, bit for bit the same, while in cache
         grads = backward(current, cache, yb, smoothing=config.label_smoothing)
         t += 1
         adam_update(p, grads.flat, m, v, p_out=p, m_out=m, v_out=v, num_weights=n_w, t=t,
