@@ -41,11 +41,12 @@ Conventions, stated once:
   private copies `train_epoch` makes once an epoch and updates step after step.
   Internally the arrays are views into one flat vector (weights first, then the rest), so the
   optimizer works on one vector rather than looping over layers. Building a `Params` over a
-  vector makes that vector read-only: its maker hands it over.
+  vector makes that vector read-only: the caller gives the vector up.
 * Randomness comes in through explicit seeds (`np.random.default_rng([seed, epoch])`), so a run is
   bit-for-bit reproducible and any epoch can be replayed from its inputs alone. A function that
-  takes `rng` accepts a seed, or a `np.random.Generator` that it draws from (and so advances,
-  as drawing does): pass a seed for a call that leaves everything as it was.
+  takes `rng` (all but `batches`, which needs a Generator) accepts a seed, or a
+  `np.random.Generator` that it draws from (and so advances, as drawing does): pass a seed for
+  a call that leaves everything as it was.
 
 What it leaves out on purpose: convolutions, automatic differentiation, GPU support. The point is
 to see every derivative written by hand, and to make plain NumPy as fast as it can be.
@@ -925,7 +926,8 @@ def init_params(layer_sizes: Sequence[int] = Config().layer_sizes, seed: int = 4
     with batch norm, scales g = 1 (the weights are the same draws either way).
 
     He: std = sqrt(2 / fan_in) keeps the variance of each layer's pre-activations Z about the
-    same from layer to layer, through ReLUs that zero half their inputs. Xavier: std = sqrt(2 / (fan_in + fan_out)) suits the linear output.
+    same from layer to layer (without dropout), through ReLUs that zero half their inputs.
+    Xavier: std = sqrt(2 / (fan_in + fan_out)) suits the linear output.
     """
     if len(layer_sizes) < 2 or any(int(n) < 1 for n in layer_sizes):
         raise ValueError(f"layer sizes must be two or more positive integers, got {list(layer_sizes)}")
@@ -1180,24 +1182,24 @@ def flush_to_zero(a: np.ndarray, root: int = 2) -> np.ndarray:
 
     Why: a ReLU unit that never fires gets no gradient but the L2 term, and Adam then pulls its
     weights toward zero step after step (how fast depends on what v remembers of the unit's
-    earlier gradients), down through the *subnormal* numbers below tiny. x86 CPUs compute with subnormals up to 20x slower, in
-    matrix products too: left alone, the report's recipe (with L2 gradient 2 lambda W) slowed
-    from 2 s to 25 s an epoch by epoch 25. CPUs can flush them in hardware (the FTZ/DAZ flags
-    PyTorch sets with `torch.set_flush_denormal`); NumPy cannot, so we zero numbers before they
-    get there: moments and dL/dZ near sqrt(tiny) (1e-19 in float32), so that their products stay
-    normal, and weights near tiny**(1/4) (3e-10), so that even (1 - beta2) * (lambda W)^2 does.
-    Adam flushes every FLUSH_EVERY = 16 steps, which proved often enough: the default run's
-    epochs keep their speed to the end (with no gradient, m shrinks by x0.9 a step, so from
-    sqrt(tiny) it needs over 400 steps to reach tiny).
+    earlier gradients), down through the *subnormal* numbers below tiny. x86 CPUs compute with
+    subnormals up to 20x slower, in matrix products too: left alone, the report's recipe (with
+    L2 gradient 2 lambda W) slowed from 2 s to 25 s an epoch by epoch 25. CPUs can flush them in
+    hardware (the FTZ/DAZ flags PyTorch sets with `torch.set_flush_denormal`); NumPy cannot, so
+    we zero numbers before they get there: moments and dL/dZ near sqrt(tiny) (1e-19 in float32),
+    so that their products stay normal, and weights near tiny**(1/4) (3e-10), so that even
+    (1 - beta2) * (lambda W)^2 does. Adam flushes every FLUSH_EVERY = 16 steps, which proved
+    often enough: the default run's epochs keep their speed to the end (with a zero gradient, m
+    shrinks by x0.9 a step, so from sqrt(tiny) it needs over 400 steps to reach tiny).
 
     What this changes is tiny, but not nothing. A flushed weight (under 3e-10) is 10^-9 of the
-    sums it enters, and a flushed m (under 1e-19) would have moved its weight by less than 1e-13.
-    A flushed v matters most: its square root, up to 2.3e-10, leaves Adam's denominator
-    sqrt(v) + eps_hat, about 2% of eps_hat late in training (18% at step 16, while
-    eps_hat = eps sqrt(1 - beta2^t) is still small), but only for coordinates whose gradients
-    have stayed below about 3e-10. And numbers that are not zeroed may round by one unit in
-    their last place (below). So runs are reproducible bit for bit, not identical to runs
-    without the flush.
+    sums it enters, and a flushed m (at most 1.1e-19) would have moved its weight by about 1e-13
+    at most (at lr 1e-3). A flushed v matters most: its square root, up to 3.3e-10, leaves
+    Adam's denominator sqrt(v) + eps_hat, about 3% of eps_hat late in training (26% at step 16,
+    while eps_hat = eps sqrt(1 - beta2^t) is still small), but only for coordinates whose
+    gradients have stayed below about 3e-10 (3e-9 at step 16). And numbers that are not zeroed
+    may move too, by at most 2t or one unit in their last place (below). So runs are
+    reproducible bit for bit, not identical to runs without the flush.
 
     Two roundings do it in two passes. With m the mantissa bits, the floats next to
     c = 2^(m+1) t are s apart, with t < s <= 2t, except when c is a power of two (as for root 2):
@@ -1247,10 +1249,10 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     One line is about speed, not math: entries of dL/dZ_L below about 5e-20 (float32) become
     zero, and no nonzero entry below 1.1e-19 is left (`flush_to_zero`; one between the two may
     move up to 2.2e-19). Confidently classified examples give probabilities like 1e-30, which
-    multiplied through the weights become *subnormal* numbers that slow the CPU. They are 10^17
-    times smaller than the O(1/B) entries beside them, far below what float32 sums resolve;
-    entries under 6.1e-5 that are not zeroed may round by one unit in their last place
-    (`flush_to_zero` says which).
+    multiplied through the weights become *subnormal* numbers that slow the CPU. They are 10^16
+    or more times smaller than the largest entries beside them (up to 1/B), far below what
+    float32 sums resolve; entries that are not zeroed may move by at most 2.2e-19 or one unit
+    in their last place, and those of 6.1e-5 or more not at all (`flush_to_zero`).
     """
     check_params(params)
     L = num_layers(params)
@@ -1265,7 +1267,7 @@ def backward(params: Mapping, cache: Cache, labels: np.ndarray, l2: float = 0.0,
     dZ = _softmax(cache.logits)                               # p, (B, 10)
     if smoothing:
         dZ -= smoothing / dZ.shape[1]                         # p - e/K
-    dZ[np.arange(B), labels] -= 1.0 - smoothing               # p - T: less 1 - e at the label
+    dZ[np.arange(B), labels] -= 1.0 - smoothing               # p - T: (1 - e) less at the label
     dZ /= B                                                   # dL/dZ_L: the loss is a mean
     dZ = flush_to_zero(dZ)                                    # see flush_to_zero
     for l in range(L, 0, -1):
@@ -1452,14 +1454,15 @@ def adam_step(params: Mapping, grads: Mapping, state: AdamState, lr: float = 1e-
     p - step_size * m_t / (sqrt(v_t) + eps_hat), with step_size = lr sqrt(1 - beta2^t) /
     (1 - beta1^t) and eps_hat = eps sqrt(1 - beta2^t): both corrections in two scalars.
     `_adam_slice` computes these formulas, rearranged to use little memory (the moments as
-    v + (1 - beta2)(g^2 - v), which can round differently in the last bit), and every
-    FLUSH_EVERY-th step it zeroes numbers near the bottom of the float range (`flush_to_zero`).
+    v + (1 - beta2)(g^2 - v), which does not round exactly as the textbook form does), and
+    every FLUSH_EVERY-th step it zeroes numbers near the bottom of the float range
+    (`flush_to_zero`).
 
     `l2` adds the L2 term's gradient l2 * W to the weights' gradients here, which is exactly
     what `backward(..., l2)` would have added (optax calls this `add_decayed_weights` before
     `scale_by_adam`). Training passes the data gradient from `backward(..., l2=0)` and l2 here,
     because here the addition costs two passes over slices already in cache instead of two
-    over all the weights in memory.
+    over all the weights.
 
     `weight_decay` makes it AdamW (Loshchilov and Hutter, 2019): the weights (not the biases)
     also shrink by the factor 1 - lr * weight_decay, outside Adam's division by sqrt(v):
@@ -1495,10 +1498,13 @@ def adam_update(p, g, m, v, p_out, m_out, v_out, num_weights: int, t: int, lr: f
     """Adam's step t on flat vectors (weights first, then biases and any batch-norm scales),
     written into p_out, m_out, v_out. The outputs may be p, m, v themselves: `train_epoch`
     updates the buffers it owns in place, which saves writing three fresh 2.3 MB arrays every
-    step; `adam_step` passes fresh ones. Either way the arithmetic is the same, so the results are bit-identical.
+    step; `adam_step` passes fresh ones. Either way the arithmetic is the same, so the results
+    are bit-identical.
 
     Speed: the update is memory-bound (a dozen passes over 570k numbers), so it runs slice by
-    slice; every array's slice, and the two scratch slices, stay in cache between passes.
+    slice; every array's slice, and the two scratch slices, stay in cache between passes. (On a
+    machine whose L3 cache holds the arrays whole, slicing gains nothing: see the README's
+    Performance section.)
     """
     bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t                  # the bias corrections
     step_size, eps_hat = lr * math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)

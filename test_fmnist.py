@@ -2942,7 +2942,7 @@ def test_cli_ensemble_refuses_a_member_folder_that_holds_another_run(tmp_path):
 # ================================================================================================
 # Bad input: clear errors, nothing lost
 # ================================================================================================
-# Issue 5: one test per case of bad input the issue lists that the sections above do not cover.
+# One test for each kind of bad input a user can give that the sections above do not cover.
 # A failing command ends in one line on stderr naming the file or value and the problem, with a
 # non-zero exit (2 for a bad argument, as argparse does), never a traceback; no checkpoint may be
 # lost or left half-written. The CLI runs in a subprocess, except the many argument checks, which
@@ -2953,7 +2953,7 @@ FMNIST = HERE / "fmnist.py"
 
 
 # ================================================================================================
-# Helpers
+# Bad input: helpers
 # ================================================================================================
 
 def run_cli_opts(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
