@@ -1765,6 +1765,18 @@ def test_readme_example_runs_as_written(monkeypatch, capsys):
     assert float(printed[-1]) > 0.8                  # the printed validation accuracy
 
 
+def test_readme_contents_list_every_section_with_its_github_anchor():
+    """The README's contents are its `##` headings in order, each linked by the anchor GitHub
+    makes of it (lower case, punctuation but hyphens dropped, spaces as hyphens)."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    contents = text.split("Contents:\n", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"^- \[(.+)\]\((#[^)]+)\)$", contents, flags=re.M)
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert [title for title, _ in links] == headings
+    for title, target in links:
+        assert target == "#" + re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"), title
+
+
 # ================================================================================================
 # The loader
 # ================================================================================================
