@@ -5232,10 +5232,6 @@ def load_benchmark(name: str):
 # The benchmark's summary of several runs (benchmarks/bench_train.py --runs N)
 # ================================================================================================
 
-def load_bench_train():
-    return load_benchmark("bench_train")
-
-
 def _bench_report(bench, floor, adam, project, torch, evaluate_ms, other=0.0) -> dict:
     """A report as one benchmark run writes it, with only what the summary reads."""
     c = {"floor": {"name": "GEMM floor", "seconds_per_epoch": floor},
@@ -5254,7 +5250,7 @@ def test_the_benchmarks_summary_takes_the_median_of_each_runs_own_ratio():
     """Three runs, the second on a machine slow throughout: the ratio's median is over each
     run's own ratio (2.0, 2.0, 3.0 -> 2.0), not the ratio of the medians (1.8 / 0.8 = 2.25),
     and the goal is judged by it."""
-    bench = load_bench_train()
+    bench = load_benchmark("bench_train")
     reports = [_bench_report(bench, 0.8, 0.4, 1.6, 2.0, 60.0),
                _bench_report(bench, 1.6, 0.8, 3.2, 4.0, 90.0),
                _bench_report(bench, 0.6, 0.4, 1.8, 1.5, 40.0)]
@@ -5273,7 +5269,7 @@ def test_the_benchmarks_summary_takes_the_median_of_each_runs_own_ratio():
 def test_the_benchmarks_summary_leaves_out_what_no_run_measured_and_meets_a_goal_by_the_median():
     """Without PyTorch in any run its ratios are left out (not printed as n/a); a goal is met
     when the median of the runs' ratios meets it, whatever a single run says."""
-    bench = load_bench_train()
+    bench = load_benchmark("bench_train")
     reports = [_bench_report(bench, 1.0, 0.4, 1.8, None, 45.0),
                _bench_report(bench, 1.0, 0.4, 2.2, None, 55.0),
                _bench_report(bench, 1.0, 0.4, 1.7, None, 48.0)]
@@ -5288,7 +5284,7 @@ def test_the_benchmarks_summary_leaves_out_what_no_run_measured_and_meets_a_goal
 def test_each_of_several_benchmark_runs_gets_the_same_settings_its_own_out_and_no_runs():
     """A run of several must not start runs of its own (it would, given --runs again), and must
     measure what the user asked for: the same epochs, data and skips."""
-    bench = load_bench_train()
+    bench = load_benchmark("bench_train")
     args = bench.parse_args(["--runs", "3", "--epochs", "5", "--skip-torch", "--data-dir", "d d"])
     assert bench.one_run_argv(args, Path("x.json"))[2:] == \
         ["--epochs", "5", "--data-dir", "d d", "--out", "x.json", "--skip-torch"]
@@ -5298,14 +5294,14 @@ def test_each_of_several_benchmark_runs_gets_the_same_settings_its_own_out_and_n
 def test_the_benchmark_refuses_abbreviated_options(abbreviated, capsys):
     """`--run 3` for `--runs 3` is refused rather than guessed."""
     with pytest.raises(SystemExit):
-        load_bench_train().parse_args(abbreviated)
+        load_benchmark("bench_train").parse_args(abbreviated)
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_the_benchmarks_summary_names_a_contender_skipped_in_some_runs_only():
     """PyTorch skipped in the first run only: its row is named and shows n/a for that run,
     with no median (one run short)."""
-    bench = load_bench_train()
+    bench = load_benchmark("bench_train")
     first = _bench_report(bench, 0.8, 0.4, 1.6, None, 60.0)
     first["contenders"]["torch"]["name"] = None
     reports = [first, _bench_report(bench, 0.8, 0.4, 1.6, 2.0, 60.0)]
@@ -5319,7 +5315,7 @@ def test_the_benchmarks_summary_names_a_contender_skipped_in_some_runs_only():
 def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():
     """Round 1 is warm-up for all three, as epoch 1 is for fmnist: it counts in `rounds` but not
     in the median."""
-    summary = load_bench_train().rounds_summary([9.0, 1.0, 2.0, 3.0])
+    summary = load_benchmark("bench_train").rounds_summary([9.0, 1.0, 2.0, 3.0])
     assert summary == {"seconds_per_epoch": 2.0, "rounds": [9.0, 1.0, 2.0, 3.0]}
 
 
@@ -5388,10 +5384,6 @@ def test_the_products_benchmark_times_one_thread_and_the_default_and_writes_them
 # The profile of an epoch (benchmarks/profile_epoch.py): samples land in the right category
 # ================================================================================================
 
-def load_profile_epoch():
-    return load_benchmark("profile_epoch")
-
-
 def matrix_product_lines(source: str, functions: set[str]) -> tuple[set[int], set[int]]:
     """Lines of the named functions of fmnist.py that compute a matrix product (an `@`, or a
     call of np.matmul or np.dot) according to Python's own parser, and all of their lines."""
@@ -5413,7 +5405,7 @@ def test_the_profile_counts_exactly_the_matrix_products_of_an_epoch_as_matrix_pr
     on. For every function an epoch runs through, the lines it calls matrix products must be the
     lines Python's parser finds one on: otherwise an edit (say, `A @ W` rewritten as np.dot on a
     line of its own) would quietly move time from one category to another."""
-    profile = load_profile_epoch()
+    profile = load_benchmark("profile_epoch")
     source = Path(fmnist.__file__).read_text()
     lines = source.splitlines()
     products, spans = matrix_product_lines(source, {"forward", "backward", "_inference",
@@ -5427,7 +5419,7 @@ def test_the_profile_sorts_a_sample_by_its_innermost_line_and_counts_only_profil
     """Samples in py-spy's raw format ('frame;frame;... count'), built from lines of fmnist.py
     found by their text, land in their category; a sample outside the profiled epochs (loading
     the data, the warm-up epoch) is not counted."""
-    profile = load_profile_epoch()
+    profile = load_benchmark("profile_epoch")
     lines = Path(fmnist.__file__).read_text().splitlines()
 
     def at(function: str, text: str) -> str:

@@ -35,17 +35,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))   # so `import fmnist` works from a plain checkout
+sys.path.insert(0, str(HERE))          # and `import bench_train`: the floor's buffers, the machine
 
+import bench_train  # noqa: E402
 import fmnist  # noqa: E402
-
-
-def load_bench_train():
-    """bench_train.py as a module (benchmarks/ is not a package): the GEMM floor's buffers and
-    the machine's description."""
-    spec = importlib.util.spec_from_file_location("bench_train", HERE / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def step_products(batch: int, sizes: tuple[int, ...]) -> tuple[list[dict], dict]:
@@ -55,7 +48,6 @@ def step_products(batch: int, sizes: tuple[int, ...]) -> tuple[list[dict], dict]
 
     As in `fmnist.backward`, a transposed operand is a view (`A.T`, `W.T`), not a copy: BLAS
     reads it in place, so the layout timed is the one training uses."""
-    bench_train = load_bench_train()
     rng = np.random.default_rng(0)
     x = rng.random((batch, sizes[0]), dtype=np.float32)
     buf = bench_train.gemm_buffers(batch, sizes, x, rng)
@@ -94,6 +86,8 @@ def measure(batch: int, repeats: int, trials: int = 5) -> tuple[list[dict], dict
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
     threads = {"default": blas_threads()}
+    with threadpool_limits(limits=1, user_api="blas"):
+        threads["one"] = blas_threads()
     rows = []
     for p in step_products(batch, fmnist.Config().layer_sizes)[0]:
         (m, k), n = p["left"].shape, p["right"].shape[1]
@@ -106,7 +100,6 @@ def measure(batch: int, repeats: int, trials: int = 5) -> tuple[list[dict], dict
             default = min(default, seconds_per_call(run, repeats))
             with threadpool_limits(limits=1, user_api="blas"):
                 one = min(one, seconds_per_call(run, repeats))
-                threads["one"] = blas_threads()
         flops = 2 * m * k * n
         rows.append({"name": p["name"], "mkn": [m, k, n],
                      "seconds": default, "gflops": flops / default / 1e9,
@@ -154,7 +147,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bench_train = load_bench_train()
     rows, threads = measure(args.batch, args.repeats)
     steps = -(-fmnist.Config().train_size // args.batch)
     print(format_table(rows, steps))
