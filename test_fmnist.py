@@ -5312,6 +5312,52 @@ def test_the_benchmarks_summary_names_a_contender_skipped_in_some_runs_only():
         bench.format_summary(summary)
 
 
+def test_with_adam_skipped_an_epoch_runs_as_usual_and_leaves_the_parameters_where_they_were():
+    """The benchmark's "fmnist with Adam skipped" times a real `train_epoch` whose optimizer does
+    nothing: every step runs (the progress callback hears each), the first step's loss is the
+    usual epoch's (the same batch and masks through the same network), the parameters and
+    moments stay where they were, and the real `adam_update` is back afterwards."""
+    bench = load_benchmark("bench_train")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((300, 784), dtype=np.float32), rng.integers(0, 10, 300)
+    params, config = init_params((784, 16, 10), seed=1), Config(hidden=(16,), batch_size=128)
+    state, real_update = adam_init(params), fmnist.adam_update
+    heard, heard_trained = [], []
+    with bench.adam_skipped():
+        assert fmnist.adam_update is not real_update
+        same, same_state, _ = train_epoch(params, state, x, y, config, epoch=1,
+                                          on_step=lambda *a: heard.append(a))
+    assert fmnist.adam_update is real_update
+    assert np.array_equal(same.flat, params.flat) and same_state.step == 3
+    assert not same_state.m.flat.any() and not same_state.v.flat.any()
+    trained, *_ = train_epoch(params, state, x, y, config, epoch=1,
+                              on_step=lambda *a: heard_trained.append(a))
+    assert [a[0] for a in heard] == [a[0] for a in heard_trained] == [1, 2, 3]
+    assert heard[0] == heard_trained[0] and heard[2] != heard_trained[2]
+    assert not np.array_equal(trained.flat, params.flat)
+
+
+def test_the_benchmark_times_floor_adam_fmnist_and_fmnist_without_adam_in_turns(capsys):
+    """On a small made-up split, two rounds: every contender is timed in each round, the
+    project's epochs train (its validation accuracy is measured), and the epoch with Adam
+    skipped gets its own row and its ratios to the floor."""
+    bench = load_benchmark("bench_train")
+    rng = np.random.default_rng(0)
+    def part(n):
+        return rng.standard_normal((n, 784), dtype=np.float32), rng.integers(0, 10, n)
+    splits = fmnist.Splits(*part(300), *part(100), *part(100))
+    c = bench.bench_numpy_contenders(splits, Config(), epochs=2)
+    for key in ("floor", "adam", "no_adam"):
+        assert len(c[key]["rounds"]) == 2 and c[key]["seconds_per_epoch"] == c[key]["rounds"][1] > 0
+    assert [e["epoch"] for e in c["project"]["epochs"]] == [1, 2]
+    assert "fmnist with Adam skipped epoch 2" in capsys.readouterr().out
+    c |= {"torch": None, "torch_ftz": None, "sklearn": None}
+    ratios = bench.compute_ratios(c)
+    assert ratios["project with Adam skipped / GEMM floor"] == pytest.approx(
+        c["no_adam"]["seconds_per_epoch"] / c["floor"]["seconds_per_epoch"])
+    assert ratios["project with Adam skipped / PyTorch"] is None
+
+
 def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():
     """Round 1 is warm-up for all three, as epoch 1 is for fmnist: it counts in `rounds` but not
     in the median."""

@@ -16,8 +16,9 @@ What is measured, in this order:
    machine in the same state: the GEMM floor, only the matrix products one epoch needs, into
    preallocated arrays (no implementation of this recipe on this BLAS can be faster, so "x times
    the floor" says how much time goes to everything else: elementwise work, the optimizer,
-   Python, memory traffic); Adam's updates alone; and this project, `fmnist.train_epoch` +
-   `fmnist.evaluate`. Then `evaluate` on the test set.
+   Python, memory traffic); Adam's updates alone; this project, `fmnist.train_epoch` +
+   `fmnist.evaluate`; and the same epoch with Adam's update skipped, which is what everything
+   but the optimizer costs. Then `evaluate` on the test set.
 2. scikit-learn's `MLPClassifier` (if installed): the closest off-the-shelf NumPy MLP.
 3. PyTorch (if installed): the same network, run as a user would (default settings), then once
    more with `torch.set_flush_denormal(True)`.
@@ -45,7 +46,9 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -263,40 +266,64 @@ def adam_epoch(splits, config):
 # 2. This project, in turns with the floor and Adam
 # ================================================================================================
 
+@contextmanager
+def adam_skipped():
+    """Inside it, `fmnist.adam_update` does nothing, so `train_epoch` runs every step's forward
+    and backward pass, dropout masks, batch gathers and bookkeeping exactly as usual but leaves
+    the parameters where they were. Timed, that is what an epoch costs without its optimizer
+    (the figures stay the initial network's: only the time means anything). Restored on exit."""
+    with mock.patch.object(fmnist, "adam_update", lambda *args, **kwargs: None):
+        yield
+
+
+def fmnist_epoch(params, state, splits, config, epoch: int, who: str = "fmnist"):
+    """One epoch as `fmnist.fit` times it: `train_epoch`, then `evaluate` on the validation split.
+    Returns the new parameters and state, and the epoch's record (`epoch_record`)."""
+    t0 = time.perf_counter()
+    params, state, _ = fmnist.train_epoch(params, state, splits.x_train, splits.y_train, config,
+                                          epoch)
+    t1 = time.perf_counter()
+    val = fmnist.evaluate(params, splits.x_val, splits.y_val)
+    return params, state, epoch_record(who, epoch, t0, t1, time.perf_counter(), val.accuracy)
+
+
 def bench_numpy_contenders(splits, config, epochs: int) -> dict:
-    """The GEMM floor, Adam alone and this project, an epoch of each in turn, `epochs` rounds;
-    each one's seconds per epoch is the median over rounds 2..N (round 1 is warm-up for all).
+    """The GEMM floor, Adam alone, this project and this project with Adam skipped, an epoch of
+    each in turn, `epochs` rounds; each one's seconds per epoch is the median over rounds 2..N
+    (round 1 is warm-up for all).
 
     In turns rather than one after the other because this shared machine has slow spells lasting
     minutes: measured one after another, the floor and the project timed in different spells
-    made fmnist / floor anything from 1.7 to 3.2 in one day. Taking turns, the three meet the
-    machine in the same state. (A slow spell still slows the project more than the floor, so the
-    ratio itself is higher then; and PyTorch and scikit-learn run after the three.)
+    made fmnist / floor anything from 1.7 to 3.2 in one day. Taking turns, they meet the machine
+    in the same state. (A slow spell still slows the project more than the floor, so the ratio
+    itself is higher then; and PyTorch and scikit-learn run after them.)
 
     The project's epoch is `fmnist.train_epoch` then `fmnist.evaluate(validation)`, from
     `init_params`: exactly the work `fmnist.fit` times per epoch, without its early-stopping
-    bookkeeping.
+    bookkeeping. The epoch with Adam skipped (`adam_skipped`) does the same from the same start,
+    and never moves from it.
     """
     floor, floor_info = gemm_floor_epoch(splits, config)
     adam, adam_info = adam_epoch(splits, config)
-    params = fmnist.init_params(config.layer_sizes, config.seed, config.dtype)
-    state = fmnist.adam_init(params)
-    floor_runs, adam_runs, records = [], [], []
+    start = fmnist.init_params(config.layer_sizes, config.seed, config.dtype)
+    params, state = start, fmnist.adam_init(start)
+    floor_runs, adam_runs, no_adam_runs, records = [], [], [], []
     for epoch in range(1, epochs + 1):
         floor_runs.append(floor())
         adam_runs.append(adam())
         print(f"  round {epoch}: GEMM floor {floor_runs[-1]:.3f} s, Adam {adam_runs[-1]:.3f} s",
               flush=True)
-        t0 = time.perf_counter()
-        params, state, _ = fmnist.train_epoch(params, state, splits.x_train, splits.y_train,
-                                              config, epoch)
-        t1 = time.perf_counter()
-        val = fmnist.evaluate(params, splits.x_val, splits.y_val)
-        records.append(epoch_record("fmnist", epoch, t0, t1, time.perf_counter(), val.accuracy))
+        params, state, record = fmnist_epoch(params, state, splits, config, epoch)
+        records.append(record)
+        with adam_skipped():
+            *_, skipped_adam = fmnist_epoch(start, fmnist.adam_init(start), splits, config,
+                                            epoch, "fmnist with Adam skipped")
+        no_adam_runs.append(skipped_adam["seconds"])
     project = summarise("fmnist (this project)", records)
     project["evaluate_test_ms"] = bench_evaluate(params, splits)
     return {"floor": floor_info | rounds_summary(floor_runs),
-            "adam": adam_info | rounds_summary(adam_runs), "project": project}
+            "adam": adam_info | rounds_summary(adam_runs), "project": project,
+            "no_adam": {"name": "fmnist with Adam skipped"} | rounds_summary(no_adam_runs)}
 
 
 def rounds_summary(runs: list[float]) -> dict:
@@ -497,6 +524,8 @@ def compute_ratios(c: dict) -> dict:
         "project / PyTorch flush_denormal": ratio(s["project"], s["torch_ftz"]),
         "project / scikit-learn": ratio(s["project"], s["sklearn"]),
         "project / GEMM floor": ratio(s["project"], s["floor"]),
+        "project with Adam skipped / PyTorch": ratio(s.get("no_adam"), s["torch"]),
+        "project with Adam skipped / GEMM floor": ratio(s.get("no_adam"), s["floor"]),
         "(GEMM floor + Adam) / PyTorch": ratio(
             s["floor"] + s["adam"] if s["floor"] is not None and s["adam"] is not None else None,
             s["torch"]),
@@ -522,13 +551,13 @@ def format_table(report: dict) -> str:
              f"{cfg['batch_size']}, {report['n_train']:,} train / {report['n_val']:,} validation; "
              f"median over epochs 2..{report['epochs']} (epoch 1 is warm-up)", "",
              f"{'contender':<44} {'s/epoch':>8} {'train':>7} {'valid':>7} {'val acc':>8}"]
-    for key in ("floor", "adam", "project", "torch", "torch_ftz", "sklearn"):
+    for key in ("floor", "adam", "project", "no_adam", "torch", "torch_ftz", "sklearn"):
         r = c.get(key)
         if r is None:
             continue
         if r.get("skipped"):
             lines.append(f"{r['name']:<44} {'skipped: ' + r['skipped']}")
-        elif key in ("floor", "adam"):
+        elif key in ("floor", "adam", "no_adam"):
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f}")
         else:
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f} "
@@ -673,7 +702,7 @@ def summarise_runs(reports: list[dict]) -> dict:
         known = [v for v in values if v is not None]
         return statistics.median(known) if len(known) == len(values) else None
     seconds = {key: [(r["contenders"].get(key) or {}).get("seconds_per_epoch") for r in reports]
-               for key in ("floor", "adam", "project", "torch", "torch_ftz", "sklearn")}
+               for key in ("floor", "adam", "project", "no_adam", "torch", "torch_ftz", "sklearn")}
     names = {key: next((r["contenders"][key]["name"] for r in reports
                         if (r["contenders"].get(key) or {}).get("name")), key) for key in seconds}
     ratios = {name: [r["ratios"][name] for r in reports] for name in reports[0]["ratios"]}
