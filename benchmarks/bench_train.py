@@ -12,7 +12,7 @@ evaluation of the validation split.
 
 What is measured, in this order:
 
-1. In turns, epoch by epoch (an epoch of each, then the next round), so that all three meet the
+1. In turns, epoch by epoch (an epoch of each, then the next round), so that all of them meet the
    machine in the same state: the GEMM floor, only the matrix products one epoch needs, into
    preallocated arrays (no implementation of this recipe on this BLAS can be faster, so "x times
    the floor" says how much time goes to everything else: elementwise work, the optimizer,
