@@ -5337,25 +5337,50 @@ def test_with_adam_skipped_an_epoch_runs_as_usual_and_leaves_the_parameters_wher
     assert not np.array_equal(trained.flat, params.flat)
 
 
-def test_the_benchmark_times_floor_adam_fmnist_and_fmnist_without_adam_in_turns(capsys):
-    """On a small made-up split, two rounds: every contender is timed in each round, the
-    project's epochs train (its validation accuracy is measured), and the epoch with Adam
-    skipped gets its own row and its ratios to the floor."""
+def test_the_benchmark_times_floor_adam_fmnist_and_fmnist_without_adam_in_turns(monkeypatch,
+                                                                                capsys):
+    """On a small made-up split (3 steps an epoch), two rounds: every contender is timed in each
+    round; Adam runs for Adam alone and for the real epoch (2 rounds x 3 steps each) but not in
+    the epoch with Adam skipped, and is restored after it; and "Adam inside the loop" is the
+    real epoch less the one without Adam, round by round."""
     bench = load_benchmark("bench_train")
+    calls, real_update = [], fmnist.adam_update
+    def counted(*args, **kwargs):
+        calls.append(kwargs["t"] if "t" in kwargs else args[8])   # the step
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(fmnist, "adam_update", counted)
     rng = np.random.default_rng(0)
     def part(n):
         return rng.standard_normal((n, 784), dtype=np.float32), rng.integers(0, 10, n)
     splits = fmnist.Splits(*part(300), *part(100), *part(100))
     c = bench.bench_numpy_contenders(splits, Config(), epochs=2)
-    for key in ("floor", "adam", "no_adam"):
-        assert len(c[key]["rounds"]) == 2 and c[key]["seconds_per_epoch"] == c[key]["rounds"][1] > 0
-    assert [e["epoch"] for e in c["project"]["epochs"]] == [1, 2]
+    assert fmnist.adam_update is counted
+    assert calls == [1, 2, 3, 1, 2, 3] + [1, 2, 3, 4, 5, 6]   # alone, real; alone, real
+    for key in ("floor", "adam", "no_adam", "adam_in_loop"):
+        assert len(c[key]["rounds"]) == 2 and c[key]["seconds_per_epoch"] == c[key]["rounds"][1]
+    epochs = [e["seconds"] for e in c["project"]["epochs"]]
+    assert c["adam_in_loop"]["rounds"] == pytest.approx(
+        [e - t for e, t in zip(epochs, c["no_adam"]["rounds"])])
     assert "fmnist with Adam skipped epoch 2" in capsys.readouterr().out
-    c |= {"torch": None, "torch_ftz": None, "sklearn": None}
-    ratios = bench.compute_ratios(c)
-    assert ratios["project with Adam skipped / GEMM floor"] == pytest.approx(
-        c["no_adam"]["seconds_per_epoch"] / c["floor"]["seconds_per_epoch"])
-    assert ratios["project with Adam skipped / PyTorch"] is None
+
+
+def test_the_benchmarks_summary_shows_fmnist_without_adam_and_its_ratios():
+    """The epoch with Adam skipped and what Adam adds inside the loop get rows of their own in
+    the summary of several runs, and their ratios to PyTorch and the floor."""
+    bench = load_benchmark("bench_train")
+    reports = []
+    for floor, project, no_adam in ((0.8, 1.8, 1.2), (1.0, 2.4, 1.5)):
+        report = _bench_report(bench, floor, 0.4, project, 2.4, 60.0)
+        report["contenders"] |= {
+            "no_adam": {"name": "fmnist with Adam skipped", "seconds_per_epoch": no_adam},
+            "adam_in_loop": {"name": "Adam inside the loop", "seconds_per_epoch": project - no_adam}}
+        report["ratios"] = bench.compute_ratios(report["contenders"])
+        reports.append(report)
+    table = bench.format_summary(bench.summarise_runs(reports))
+    assert "fmnist with Adam skipped                       1.200   1.500   1.350" in table
+    assert "Adam inside the loop                           0.600   0.900   0.750" in table
+    assert "project with Adam skipped / GEMM floor          1.50    1.50    1.50" in table
+    assert "project with Adam skipped / PyTorch             0.50    0.62    0.56" in table
 
 
 def test_the_benchmark_times_the_floor_adam_and_fmnist_from_round_two_on():

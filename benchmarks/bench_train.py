@@ -57,6 +57,8 @@ sys.path.insert(0, str(ROOT))   # so `import fmnist` works from a plain checkout
 
 import fmnist  # noqa: E402
 
+CONTENDERS = ("floor", "adam", "project", "no_adam", "adam_in_loop", "torch", "torch_ftz",
+              "sklearn")      # the keys of a run's "contenders", in the order of the tables
 GOALS = {   # from the project issue "Training speed": ratio -> largest value that meets the goal
     "project / PyTorch": 0.5,
     "project / GEMM floor": 1.9,
@@ -263,7 +265,7 @@ def adam_epoch(splits, config):
 
 
 # ================================================================================================
-# 2. This project, in turns with the floor and Adam
+# 2. This project, with and without Adam, in turns with the floor and Adam alone
 # ================================================================================================
 
 @contextmanager
@@ -271,7 +273,8 @@ def adam_skipped():
     """Inside it, `fmnist.adam_update` does nothing, so `train_epoch` runs every step's forward
     and backward pass, dropout masks, batch gathers and bookkeeping exactly as usual but leaves
     the parameters where they were. Timed, that is what an epoch costs without its optimizer
-    (the figures stay the initial network's: only the time means anything). Restored on exit."""
+    (its loss and accuracy are those of a network that does not learn: only the time means
+    anything). Restored on exit, also after an exception."""
     with mock.patch.object(fmnist, "adam_update", lambda *args, **kwargs: None):
         yield
 
@@ -287,6 +290,13 @@ def fmnist_epoch(params, state, splits, config, epoch: int, who: str = "fmnist")
     return params, state, epoch_record(who, epoch, t0, t1, time.perf_counter(), val.accuracy)
 
 
+def epoch_without_adam(params, state, splits, config, epoch: int) -> float:
+    """Seconds of `fmnist_epoch` with Adam skipped (`adam_skipped`), from params and state."""
+    with adam_skipped():
+        *_, record = fmnist_epoch(params, state, splits, config, epoch, "fmnist with Adam skipped")
+    return record["seconds"]
+
+
 def bench_numpy_contenders(splits, config, epochs: int) -> dict:
     """The GEMM floor, Adam alone, this project and this project with Adam skipped, an epoch of
     each in turn, `epochs` rounds; each one's seconds per epoch is the median over rounds 2..N
@@ -300,30 +310,36 @@ def bench_numpy_contenders(splits, config, epochs: int) -> dict:
 
     The project's epoch is `fmnist.train_epoch` then `fmnist.evaluate(validation)`, from
     `init_params`: exactly the work `fmnist.fit` times per epoch, without its early-stopping
-    bookkeeping. The epoch with Adam skipped (`adam_skipped`) does the same from the same start,
-    and never moves from it.
+    bookkeeping. The epoch with Adam skipped (`adam_skipped`) starts from the same parameters
+    as the round's real epoch (so any cost that depends on the weights' values is the same in
+    both) and does not move them; the two swap places every round, so neither always runs
+    second. "Adam inside the loop" is the real epoch's seconds less its own, round by round: what
+    Adam adds to an epoch of training.
     """
     floor, floor_info = gemm_floor_epoch(splits, config)
     adam, adam_info = adam_epoch(splits, config)
-    start = fmnist.init_params(config.layer_sizes, config.seed, config.dtype)
-    params, state = start, fmnist.adam_init(start)
+    params = fmnist.init_params(config.layer_sizes, config.seed, config.dtype)
+    state = fmnist.adam_init(params)
     floor_runs, adam_runs, no_adam_runs, records = [], [], [], []
     for epoch in range(1, epochs + 1):
         floor_runs.append(floor())
         adam_runs.append(adam())
         print(f"  round {epoch}: GEMM floor {floor_runs[-1]:.3f} s, Adam {adam_runs[-1]:.3f} s",
               flush=True)
-        params, state, record = fmnist_epoch(params, state, splits, config, epoch)
+        round_start = params, state
+        if epoch % 2 == 0:                            # the two epochs swap places every round
+            no_adam_runs.append(epoch_without_adam(*round_start, splits, config, epoch))
+        params, state, record = fmnist_epoch(*round_start, splits, config, epoch)
         records.append(record)
-        with adam_skipped():
-            *_, skipped_adam = fmnist_epoch(start, fmnist.adam_init(start), splits, config,
-                                            epoch, "fmnist with Adam skipped")
-        no_adam_runs.append(skipped_adam["seconds"])
+        if epoch % 2 == 1:
+            no_adam_runs.append(epoch_without_adam(*round_start, splits, config, epoch))
     project = summarise("fmnist (this project)", records)
     project["evaluate_test_ms"] = bench_evaluate(params, splits)
     return {"floor": floor_info | rounds_summary(floor_runs),
             "adam": adam_info | rounds_summary(adam_runs), "project": project,
-            "no_adam": {"name": "fmnist with Adam skipped"} | rounds_summary(no_adam_runs)}
+            "no_adam": {"name": "fmnist with Adam skipped"} | rounds_summary(no_adam_runs),
+            "adam_in_loop": {"name": "Adam inside the loop (the difference)"} | rounds_summary(
+                [r["seconds"] - t for r, t in zip(records, no_adam_runs)])}
 
 
 def rounds_summary(runs: list[float]) -> dict:
@@ -551,13 +567,13 @@ def format_table(report: dict) -> str:
              f"{cfg['batch_size']}, {report['n_train']:,} train / {report['n_val']:,} validation; "
              f"median over epochs 2..{report['epochs']} (epoch 1 is warm-up)", "",
              f"{'contender':<44} {'s/epoch':>8} {'train':>7} {'valid':>7} {'val acc':>8}"]
-    for key in ("floor", "adam", "project", "no_adam", "torch", "torch_ftz", "sklearn"):
+    for key in CONTENDERS:
         r = c.get(key)
         if r is None:
             continue
         if r.get("skipped"):
             lines.append(f"{r['name']:<44} {'skipped: ' + r['skipped']}")
-        elif key in ("floor", "adam", "no_adam"):
+        elif key in ("floor", "adam", "no_adam", "adam_in_loop"):
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f}")
         else:
             lines.append(f"{r['name']:<44} {r['seconds_per_epoch']:8.3f} "
@@ -635,7 +651,8 @@ def run(args: argparse.Namespace) -> dict:
     config = fmnist.Config(epochs=args.epochs)        # the report's recipe: every other default
     machine = machine_info()                          # before torch/sklearn load their libraries
     splits = fmnist.make_splits(fmnist.load_fashion_mnist(args.data_dir), config)
-    print("GEMM floor, Adam alone and this project, an epoch of each in turn", flush=True)
+    print("GEMM floor, Adam alone and this project with and without Adam, an epoch of each in "
+          "turn", flush=True)
     c = bench_numpy_contenders(splits, config, args.epochs)
     print("scikit-learn", flush=True)
     c["sklearn"] = (skipped("scikit-learn", "--skip-sklearn") if args.skip_sklearn
@@ -702,7 +719,7 @@ def summarise_runs(reports: list[dict]) -> dict:
         known = [v for v in values if v is not None]
         return statistics.median(known) if len(known) == len(values) else None
     seconds = {key: [(r["contenders"].get(key) or {}).get("seconds_per_epoch") for r in reports]
-               for key in ("floor", "adam", "project", "no_adam", "torch", "torch_ftz", "sklearn")}
+               for key in CONTENDERS}
     names = {key: next((r["contenders"][key]["name"] for r in reports
                         if (r["contenders"].get(key) or {}).get("name")), key) for key in seconds}
     ratios = {name: [r["ratios"][name] for r in reports] for name in reports[0]["ratios"]}
