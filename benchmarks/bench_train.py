@@ -338,7 +338,7 @@ def bench_numpy_contenders(splits, config, epochs: int) -> dict:
     return {"floor": floor_info | rounds_summary(floor_runs),
             "adam": adam_info | rounds_summary(adam_runs), "project": project,
             "no_adam": {"name": "fmnist with Adam skipped"} | rounds_summary(no_adam_runs),
-            "adam_in_loop": {"name": "Adam inside the loop (the difference)"} | rounds_summary(
+            "adam_in_loop": {"name": "Adam inside the loop (round by round)"} | rounds_summary(
                 [r["seconds"] - t for r, t in zip(records, no_adam_runs)])}
 
 
