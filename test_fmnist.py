@@ -11,9 +11,11 @@ it is clearer. The real data is loaded once per module; networks and subsets are
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import hashlib
 import http.server
+import inspect
 import io
 import json
 import math
@@ -5219,8 +5221,10 @@ def test_predict_without_arguments_asks_for_the_checkpoint_only(capsys):
 # Benchmarks (benchmarks/*.py)
 # ================================================================================================
 
+@functools.cache
 def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    """benchmarks/<name>.py as a module (the folder is not a package), loaded once: the
+    benchmarks keep no state between calls."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(name, HERE / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -5232,18 +5236,22 @@ def load_benchmark(name: str):
 # The benchmark's summary of several runs (benchmarks/bench_train.py --runs N)
 # ================================================================================================
 
-def _bench_report(bench, floor, adam, project, torch, evaluate_ms, other=0.0) -> dict:
-    """A report as one benchmark run writes it, with only what the summary reads."""
+def _bench_report(bench, floor, adam, project, torch, evaluate_ms, no_adam=None) -> dict:
+    """A report as one benchmark run writes it, with only what the summary reads (the epoch with
+    Adam skipped, and what Adam adds inside the loop, only if `no_adam` is given)."""
     c = {"floor": {"name": "GEMM floor", "seconds_per_epoch": floor},
          "adam": {"name": "Adam", "seconds_per_epoch": adam},
          "project": {"name": "fmnist", "seconds_per_epoch": project,
                      "evaluate_test_ms": {"median": evaluate_ms}},
          "torch": ({"name": "PyTorch", "seconds_per_epoch": torch} if torch is not None
-                   else {"name": "PyTorch", "skipped": "--skip-torch", "seconds_per_epoch": None}),
+                   else bench.skipped("PyTorch", "--skip-torch")),
          "torch_ftz": None,
-         "sklearn": {"name": "scikit-learn", "skipped": "--skip-sklearn", "seconds_per_epoch": None}}
+         "sklearn": bench.skipped("scikit-learn", "--skip-sklearn")}
+    if no_adam is not None:
+        c["no_adam"] = {"name": "fmnist with Adam skipped", "seconds_per_epoch": no_adam}
+        c["adam_in_loop"] = {"name": "Adam inside the loop", "seconds_per_epoch": project - no_adam}
     return {"contenders": c, "ratios": bench.compute_ratios(c),
-            "machine": {"other_programs_cpu_seconds": other}}
+            "machine": {"other_programs_cpu_seconds": 0.0}}
 
 
 def test_the_benchmarks_summary_takes_the_median_of_each_runs_own_ratio():
@@ -5346,7 +5354,7 @@ def test_the_benchmark_times_floor_adam_fmnist_and_fmnist_without_adam_in_turns(
     bench = load_benchmark("bench_train")
     calls, real_update = [], fmnist.adam_update
     def counted(*args, **kwargs):
-        calls.append(kwargs["t"] if "t" in kwargs else args[8])   # the step
+        calls.append(inspect.signature(real_update).bind(*args, **kwargs).arguments["t"])
         return real_update(*args, **kwargs)
     monkeypatch.setattr(fmnist, "adam_update", counted)
     rng = np.random.default_rng(0)
@@ -5368,14 +5376,8 @@ def test_the_benchmarks_summary_shows_fmnist_without_adam_and_its_ratios():
     """The epoch with Adam skipped and what Adam adds inside the loop get rows of their own in
     the summary of several runs, and their ratios to PyTorch and the floor."""
     bench = load_benchmark("bench_train")
-    reports = []
-    for floor, project, no_adam in ((0.8, 1.8, 1.2), (1.0, 2.4, 1.5)):
-        report = _bench_report(bench, floor, 0.4, project, 2.4, 60.0)
-        report["contenders"] |= {
-            "no_adam": {"name": "fmnist with Adam skipped", "seconds_per_epoch": no_adam},
-            "adam_in_loop": {"name": "Adam inside the loop", "seconds_per_epoch": project - no_adam}}
-        report["ratios"] = bench.compute_ratios(report["contenders"])
-        reports.append(report)
+    reports = [_bench_report(bench, floor, 0.4, project, 2.4, 60.0, no_adam=no_adam)
+               for floor, project, no_adam in ((0.8, 1.8, 1.2), (1.0, 2.4, 1.5))]
     table = bench.format_summary(bench.summarise_runs(reports))
     assert "fmnist with Adam skipped                       1.200   1.500   1.350" in table
     assert "Adam inside the loop                           0.600   0.900   0.750" in table
